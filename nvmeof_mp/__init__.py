@@ -1,0 +1,1 @@
+"""nvmeof_mp: NVMe-oF connector with multipathing."""

@@ -1,0 +1,188 @@
+"""NVMeOFConnector: the os-brick style connector API, as thin orchestration.
+
+Parsing is in ``connection``, sysfs reading in ``topology``, decisions in ``plan``, portal
+connection in ``attach``, md and dm in ``raid`` / ``devmapper``, root actions behind ``kernel``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from nvmeof_mp import connection
+from nvmeof_mp.attach import Attacher
+from nvmeof_mp.connection import Mode
+from nvmeof_mp.exception import NVMeOFError, VolumeDeviceNotFound, VolumePathsNotFound
+from nvmeof_mp.hostinfo import HostInfo, connector_properties
+from nvmeof_mp.kernel import PrivilegedKernel
+from nvmeof_mp.plan import find_namespace
+from nvmeof_mp.policy import TimeoutPolicy
+from nvmeof_mp.topology import SysfsReader
+from nvmeof_mp.waiting import Clock
+
+LOG = logging.getLogger(__name__)
+DEV_SEARCH_PATH = "/dev/"
+
+
+class NVMeOFConnector:
+    """Attach NVMe-oF volumes: single path, native multipath, md RAID1, dm-multipath."""
+
+    def __init__(self, root_helper=None, driver=None, use_multipath=False,
+                 device_scan_attempts=5, execute=None, *args, kernel=None, root="/",
+                 clock=None, policy=None, lock_path=None, connect_method="nvme-cli",
+                 **kwargs):
+        self._root_helper = root_helper
+        self.driver = driver
+        self.use_multipath = use_multipath
+        self.device_scan_attempts = device_scan_attempts
+        if kernel is None:
+            from nvmeof_mp import privileged
+            privileged.init(root_helper)
+            kernel = PrivilegedKernel(connect_method)
+        self.kernel = kernel
+        self.root = root
+        self.sysfs = SysfsReader(os.path.join(root, "sys"))
+        self.hostinfo = HostInfo(root, kernel=kernel)
+        self.clock = clock or Clock()
+        self.policy = policy or TimeoutPolicy()
+        self.lock_path = lock_path
+        self._identity = None
+        self._identity_lock = threading.Lock()
+        self.attacher = Attacher(kernel, self.sysfs, self.clock, self.policy,
+                                 self.host_identity, lock_path)
+
+    # -- properties ----------------------------------------------------------------------------
+
+    @staticmethod
+    def get_connector_properties(root_helper, *args, **kwargs):
+        """os-brick's NVMe-oF keys (nqn, nvme_hostid, uuid, system uuid, nvme_native_multipath)
+        plus the generic ones and what this host can do per mode (``nvmeof_mp``)."""
+        kernel = kwargs.get("kernel")
+        if kernel is None:
+            from nvmeof_mp import privileged
+            privileged.init(root_helper)
+            kernel = PrivilegedKernel()
+        info = HostInfo(kwargs.get("root", "/"), kernel=kernel)
+        return connector_properties(info, multipath=kwargs.get("multipath", False),
+                                    enforce_multipath=kwargs.get("enforce_multipath", False),
+                                    host=kwargs.get("host"))
+
+    def host_identity(self):
+        """(hostnqn, hostid), read once per connector (created once if missing)."""
+        with self._identity_lock:
+            if self._identity is None or not self._identity[0]:
+                self._identity = self.hostinfo.identity()
+            return self._identity
+
+    def get_search_path(self):
+        return DEV_SEARCH_PATH
+
+    def native_multipath(self):
+        return self.hostinfo.native_multipath()
+
+    # -- connect -------------------------------------------------------------------------------
+
+    def connect_volume(self, connection_properties):
+        """Attach the volume; returns ``{'type': 'block', 'path': '/dev/...'}`` plus details."""
+        request = connection.parse(connection_properties)
+        LOG.debug("connect_volume %s", connection.redact(connection_properties))
+        if request.mode is Mode.RAID:
+            from nvmeof_mp import raid
+            return raid.connect(self, request)
+        if request.mode is Mode.DEVICE_MAPPER:
+            from nvmeof_mp import devmapper
+            return devmapper.connect(self, request)
+        all_portals = request.mode is Mode.MULTIPATH and self._use_native(request)
+        att = self.attacher.attach(request.target, all_portals)
+        LOG.info("Attached %s at %s (%s)", request.describe(), att.device, att.summary())
+        return {"type": "block", "path": att.device, "degraded": att.degraded,
+                "paths": att.as_dict()["paths"], "failed_portals": att.as_dict()["failed_portals"]}
+
+    def _use_native(self, request):
+        if not self.use_multipath:
+            LOG.debug("Multipath not requested: using the first portal that works")
+            return False
+        if not self.native_multipath():
+            LOG.warning("nvme_core multipath is off: connecting one portal of %s only",
+                        request.target.nqn)
+            return False
+        return True
+
+    # -- disconnect ----------------------------------------------------------------------------
+
+    def disconnect_volume(self, connection_properties, device_info=None, force=False,
+                          ignore_errors=False):
+        """Detach the volume; a volume that is not attached is a no-op.
+
+        ``force`` goes on after a failed flush (data may be lost); ``ignore_errors`` turns
+        remaining errors into log lines, as in os-brick.
+        """
+        request = connection.parse(connection_properties)
+        if request.mode is Mode.RAID:
+            from nvmeof_mp import raid
+            errors = raid.disconnect(self, request, force=force)
+        elif request.mode is Mode.DEVICE_MAPPER:
+            from nvmeof_mp import devmapper
+            errors = devmapper.disconnect(self, request, force=force)
+        else:
+            errors = self.attacher.detach(request.target, force=force)
+        if errors:
+            msg = "Detach of %s: %s" % (request.describe(), "; ".join(errors))
+            if not (ignore_errors or force):
+                raise NVMeOFError(msg)
+            LOG.warning("%s (ignored)", msg)
+        LOG.info("Detached %s", request.describe())
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def get_volume_paths(self, connection_properties, device_info=None):
+        """Device paths of the volume if it is attached, [] otherwise."""
+        request = connection.parse(connection_properties)
+        if request.mode is Mode.RAID:
+            from nvmeof_mp import raid
+            path = raid.device_path(request)
+            return [path] if os.path.exists(os.path.join(self.root, path.lstrip("/"))) else []
+        if request.mode is Mode.DEVICE_MAPPER:
+            from nvmeof_mp import devmapper
+            return devmapper.volume_paths(self, request)
+        ns = find_namespace(request.target, self.sysfs.snapshot([request.target.nqn]))
+        return [ns.device] if ns else []
+
+    def check_valid_device(self, path, run_as_root=True):
+        """True when the block device can be opened and its first sector read."""
+        try:
+            with open(path, "rb", buffering=0) as f:
+                f.read(512)
+            return True
+        except OSError as e:
+            LOG.info("Device %s is not valid: %s", path, e)
+            return False
+
+    def extend_volume(self, connection_properties):
+        """Rescan and return the new size in bytes (md/dm grown when replicated)."""
+        request = connection.parse(connection_properties)
+        if request.replicated:
+            from nvmeof_mp import raid, devmapper
+            module = raid if request.mode is Mode.RAID else devmapper
+            return module.extend(self, request)
+        snap = self.sysfs.snapshot([request.target.nqn])
+        ns = find_namespace(request.target, snap)
+        if ns is None:
+            raise VolumePathsNotFound()
+        live = [c.name for c in snap.controllers(request.target.nqn) if c.live]
+        if not live:
+            raise VolumeDeviceNotFound(device=ns.device)
+        old = ns.size_bytes
+        self.kernel.rescan_controllers(live)
+        new = self.wait_size_change(request.target, old)
+        LOG.info("Extended %s: %d -> %d bytes", ns.device, old, new)
+        return new
+
+    def wait_size_change(self, target, old, timeout=10.0):
+        from nvmeof_mp.waiting import poll
+
+        def grown():
+            ns = find_namespace(target, self.sysfs.snapshot([target.nqn]))
+            return ns.size_bytes if ns and ns.size_bytes != old else None
+        return poll(grown, timeout, self.clock) or old

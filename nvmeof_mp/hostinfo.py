@@ -1,0 +1,140 @@
+"""What the host is: its NVMe identity and capabilities (read-only, cheap, lazy).
+
+Reads happen without root where Linux allows it (/etc/nvme/hostnqn, the nvme_core parameter,
+/proc/self/mountinfo, /dev/disk/by-uuid); only missing identity files and the root-only DMI
+UUID go through the privileged ``Kernel``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import socket
+
+
+class HostInfo:
+    def __init__(self, root="/", sys_root=None, kernel=None):
+        self.root = root
+        self.sys_root = sys_root or os.path.join(root, "sys")
+        self.kernel = kernel
+
+    def _path(self, *parts):
+        return os.path.join(self.root, *parts)
+
+    def native_multipath(self):
+        """nvme_core's ``multipath`` parameter: ``Y`` -> True; ``N`` or absent -> False."""
+        try:
+            with open(os.path.join(self.sys_root, "module/nvme_core/parameters/multipath")) as f:
+                return f.read().strip() == "Y"
+        except OSError:
+            return False
+
+    def read_identity(self):
+        """(hostnqn, hostid) from /etc/nvme, None for what is missing."""
+        return (_read(self._path("etc/nvme/hostnqn")), _read(self._path("etc/nvme/hostid")))
+
+    def identity(self):
+        """(hostnqn, hostid), creating the files once through the privileged side if needed."""
+        nqn, hostid = self.read_identity()
+        if (nqn and hostid) or self.kernel is None:
+            return nqn, hostid
+        return self.kernel.ensure_host_identity()
+
+    def system_uuid(self):
+        value = _read(self._path("sys/class/dmi/id/product_uuid"))
+        if value:
+            return value.strip().lower()
+        if self.kernel is not None:
+            return self.kernel.read_system_uuid()
+        return None
+
+    def root_fs_uuid(self):
+        """UUID of the filesystem mounted at / (what os-brick reports as ``uuid``)."""
+        source = None
+        for line in (_read(self._path("proc/self/mountinfo")) or "").splitlines():
+            fields = line.split()
+            if len(fields) > 4 and fields[4] == "/" and " - " in line:
+                source = line.split(" - ", 1)[1].split()[1]
+        if not source or not source.startswith("/dev/"):
+            return None     # overlay, tmpfs, 9p: no filesystem UUID
+        by_uuid = self._path("dev/disk/by-uuid")
+        real = os.path.realpath(source)
+        for name in _listdir(by_uuid):
+            if os.path.realpath(os.path.join(by_uuid, name)) == real:
+                return name
+        return None
+
+    def tool(self, name):
+        return shutil.which(name) is not None
+
+    def multipathd_running(self):
+        return os.path.exists(self._path("run/multipathd.pid")) or os.path.exists(
+            self._path("run/multipathd/multipathd.pid"))
+
+
+def connector_properties(info: HostInfo, multipath=False, enforce_multipath=False, host=None):
+    """The dict Nova hands Cinder: os-brick's generic keys plus its NVMe-oF keys, plus ours."""
+    props = {
+        "platform": platform.machine(),
+        "os_type": platform.system().lower(),
+        "ip": _my_ip(),
+        "host": host or socket.gethostname(),
+        "multipath": bool(multipath),
+        "enforce_multipath": bool(enforce_multipath),
+        "nvme_native_multipath": info.native_multipath(),
+    }
+    nqn, hostid = info.identity()
+    if nqn:
+        props["nqn"] = nqn
+    if hostid:
+        props["nvme_hostid"] = hostid
+    uuid = info.root_fs_uuid()
+    if uuid:
+        props["uuid"] = uuid
+    suuid = info.system_uuid()
+    if suuid:
+        props["system uuid"] = suuid
+    props["nvmeof_mp"] = {
+        "modes": supported_modes(info, props["nvme_native_multipath"]),
+        "mdadm": info.tool("mdadm"),
+        "dmsetup": info.tool("dmsetup"),
+        "multipathd": info.multipathd_running(),
+        "nvme_cli": info.tool("nvme"),
+    }
+    return props
+
+
+def supported_modes(info: HostInfo, native):
+    modes = ["single"]
+    if native:
+        modes.append("multipath")
+    if info.tool("mdadm"):
+        modes.append("raid")
+    if info.tool("dmsetup"):
+        modes.append("dm")
+    return modes
+
+
+def _my_ip():
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))   # TEST-NET address: nothing is sent
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _listdir(path):
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []

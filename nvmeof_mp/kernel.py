@@ -1,0 +1,96 @@
+"""The boundary between the connector and the kernel's privileged side.
+
+``Kernel`` is the one small interface every root action goes through.  ``PrivilegedKernel``
+implements it with the privsep entrypoints (nvme-cli, or one write to /dev/nvme-fabrics);
+the simulated host of the tests implements the same interface with a fake kernel that
+creates and removes sysfs entries like Linux does.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import threading
+
+
+class Kernel(abc.ABC):
+    """Root actions the connector needs.  Every call here is one privileged call."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.calls = collections.Counter()
+
+    def _count(self, name):
+        with self._lock:
+            self.calls[name] += 1
+
+    @abc.abstractmethod
+    def connect(self, opts: dict) -> dict:
+        """Create a controller.  -> {'controller': 'nvmeN'} or {'error', 'errno', 'already'}."""
+
+    @abc.abstractmethod
+    def delete_controller(self, name: str) -> str | None:
+        """Delete a controller; returns an error text or None."""
+
+    @abc.abstractmethod
+    def rescan_controllers(self, names) -> dict:
+        """Rescan namespaces of live controllers."""
+
+    @abc.abstractmethod
+    def set_controller_attrs(self, name: str, attrs: dict) -> dict:
+        """Write tunable timeout attributes of a controller."""
+
+    @abc.abstractmethod
+    def flush_device(self, path: str) -> str | None:
+        """Flush a block device's buffers; returns an error text or None."""
+
+    @abc.abstractmethod
+    def ensure_host_identity(self) -> tuple[str, str]:
+        """Create /etc/nvme/hostnqn and hostid if missing; return (hostnqn, hostid)."""
+
+    @abc.abstractmethod
+    def read_system_uuid(self) -> str | None:
+        """The system UUID (root-only readable on real hosts)."""
+
+
+class PrivilegedKernel(Kernel):
+    """The real kernel, through the privsep daemon."""
+
+    def __init__(self, connect_method="nvme-cli"):
+        super().__init__()
+        self.connect_method = connect_method
+
+    def connect(self, opts):
+        from nvmeof_mp.privileged import nvme
+        self._count("connect")
+        return nvme.connect_portal(opts, self.connect_method)
+
+    def delete_controller(self, name):
+        from nvmeof_mp.privileged import nvme
+        self._count("delete_controller")
+        return nvme.delete_controller(name)
+
+    def rescan_controllers(self, names):
+        from nvmeof_mp.privileged import nvme
+        self._count("rescan_controllers")
+        return nvme.rescan_controllers(list(names))
+
+    def set_controller_attrs(self, name, attrs):
+        from nvmeof_mp.privileged import nvme
+        self._count("set_controller_attrs")
+        return nvme.set_controller_attrs(name, dict(attrs))
+
+    def flush_device(self, path):
+        from nvmeof_mp.privileged import host
+        self._count("flush_device")
+        return host.flush_device(path)
+
+    def ensure_host_identity(self):
+        from nvmeof_mp.privileged import host
+        self._count("ensure_host_identity")
+        return tuple(host.ensure_host_identity())
+
+    def read_system_uuid(self):
+        from nvmeof_mp.privileged import host
+        self._count("read_system_uuid")
+        return host.read_system_uuid()

@@ -1,0 +1,262 @@
+"""nvmet (kernel NVMe-oF target) driven through configfs, plus a socket agent (guest side).
+
+Runs as root inside the lab VM; stdlib only so it starts fast under TCG.  Tests that run
+the connector as the unprivileged lab user cannot write configfs, so the root process
+starts :class:`TargetAgent` and the tests drive the target with :class:`TargetClient`
+(socket path in ``$NVMEOF_MP_TARGET_SOCK``).
+
+Kernel facts this encodes (nvmet, Linux 6.1):
+- a tmpfs-backed namespace needs ``buffered_io=1`` before ``enable`` (no O_DIRECT on tmpfs);
+- unlinking the last subsystem from a port closes its listener (ECONNREFUSED): a realistic
+  "path down"; re-linking brings it back;
+- ANA group 1 always exists on every port; other groups must be created per port before a
+  namespace can use them.
+"""
+
+import json
+import os
+import re
+import socket
+import socketserver
+import threading
+from pathlib import Path
+
+CONFIGFS = Path("/sys/kernel/config/nvmet")
+ANA_STATES = ("optimized", "non-optimized", "inaccessible", "persistent-loss", "change")
+
+
+def _write(path: Path, value) -> None:
+    path.write_text(f"{value}\n")
+
+
+class Target:
+    """Model of one nvmet configuration; ``teardown()`` removes what this object created."""
+
+    def __init__(self, root: Path = CONFIGFS, backing_dir: str = "/run/nvmeof-lab"):
+        self.root = Path(root)
+        self.backing_dir = Path(backing_dir)
+        if not self.root.is_dir():
+            raise RuntimeError(f"{self.root} missing: modprobe nvmet and mount configfs")
+        self._ana_groups = {1}
+        self._backing_files: list[Path] = []
+
+    # -- subsystems / namespaces ------------------------------------------------------------
+    def _subsys(self, nqn: str) -> Path:
+        return self.root / "subsystems" / nqn
+
+    def add_subsystem(self, nqn: str, allow_any_host: bool = True) -> None:
+        path = self._subsys(nqn)
+        path.mkdir()
+        _write(path / "attr_allow_any_host", int(allow_any_host))
+
+    def allow_host(self, nqn: str, hostnqn: str) -> None:
+        """Restrict ``nqn`` to listed hosts (use with ``allow_any_host=False``)."""
+        host = self.root / "hosts" / hostnqn
+        host.mkdir(exist_ok=True)
+        (self._subsys(nqn) / "allowed_hosts" / hostnqn).symlink_to(host)
+
+    def add_namespace(self, nqn: str, nsid: int, size_mb: int, uuid: str, nguid=None,
+                      ana_group=None, backing=None) -> str:
+        """Create and enable a namespace; without ``backing`` a sparse tmpfs file is made.
+
+        Returns the backing path.
+        """
+        if backing is None:
+            self.backing_dir.mkdir(parents=True, exist_ok=True)
+            safe = re.sub(r"[^A-Za-z0-9_.-]", "_", nqn)
+            backing = str(self.backing_dir / f"{safe}-ns{nsid}.img")
+            with open(backing, "wb") as f:
+                f.truncate(size_mb * 1024 * 1024)
+            self._backing_files.append(Path(backing))
+        if ana_group is not None:
+            self._ensure_ana_group(int(ana_group))
+        ns = self._subsys(nqn) / "namespaces" / str(nsid)
+        ns.mkdir()
+        _write(ns / "device_path", backing)
+        if Path(backing).is_file():
+            _write(ns / "buffered_io", 1)
+        _write(ns / "device_uuid", uuid)
+        if nguid:
+            _write(ns / "device_nguid", nguid)  # 32 hex digits, "-" allowed
+        if ana_group is not None:
+            _write(ns / "ana_grpid", ana_group)
+        _write(ns / "enable", 1)
+        return backing
+
+    def resize_namespace(self, nqn: str, nsid: int, size_mb: int) -> None:
+        """Grow/shrink a file-backed namespace and tell nvmet (hosts get an AEN)."""
+        ns = self._subsys(nqn) / "namespaces" / str(nsid)
+        backing = (ns / "device_path").read_text().strip()
+        with open(backing, "r+b") as f:
+            f.truncate(size_mb * 1024 * 1024)
+        _write(ns / "revalidate_size", 1)
+
+    def remove_namespace(self, nqn: str, nsid: int) -> None:
+        ns = self._subsys(nqn) / "namespaces" / str(nsid)
+        _write(ns / "enable", 0)
+        ns.rmdir()
+
+    # -- ports ----------------------------------------------------------------------------
+    def _port(self, port_id) -> Path:
+        return self.root / "ports" / str(port_id)
+
+    def add_port(self, port_id: int, trsvcid, traddr: str = "127.0.0.1", trtype: str = "tcp",
+                 adrfam: str = "ipv4") -> None:
+        port = self._port(port_id)
+        port.mkdir()
+        _write(port / "addr_trtype", trtype)
+        _write(port / "addr_adrfam", adrfam)
+        _write(port / "addr_traddr", traddr)
+        _write(port / "addr_trsvcid", trsvcid)
+        for group in self._ana_groups - {1}:
+            (port / "ana_groups" / str(group)).mkdir(exist_ok=True)
+
+    def link(self, port_id: int, nqn: str) -> None:
+        """Expose ``nqn`` on the port (opens the listener if it is the first)."""
+        (self._port(port_id) / "subsystems" / nqn).symlink_to(self._subsys(nqn))
+
+    def unlink(self, port_id: int, nqn: str) -> None:
+        """Withdraw ``nqn`` from the port: its controllers there drop (path down)."""
+        (self._port(port_id) / "subsystems" / nqn).unlink()
+
+    def _ensure_ana_group(self, group: int) -> None:
+        self._ana_groups.add(group)
+        for port in (self.root / "ports").iterdir():
+            (port / "ana_groups" / str(group)).mkdir(exist_ok=True)
+
+    def set_ana_state(self, port_id: int, group: int, state: str) -> None:
+        if state not in ANA_STATES:
+            raise ValueError(f"ANA state {state!r} not in {ANA_STATES}")
+        self._ensure_ana_group(int(group))
+        _write(self._port(port_id) / "ana_groups" / str(group) / "ana_state", state)
+
+    # -- inspection / cleanup ---------------------------------------------------------------
+    def state(self) -> dict:
+        """Snapshot: ports with linked subsystems and ANA states, subsystems with namespaces."""
+        ports = {}
+        for port in sorted((self.root / "ports").iterdir()):
+            ports[port.name] = {
+                "trsvcid": (port / "addr_trsvcid").read_text().strip(),
+                "subsystems": sorted(p.name for p in (port / "subsystems").iterdir()),
+                "ana": {g.name: (g / "ana_state").read_text().strip()
+                        for g in (port / "ana_groups").iterdir()},
+            }
+        subsystems = {s.name: sorted(n.name for n in (s / "namespaces").iterdir())
+                      for s in (self.root / "subsystems").iterdir()}
+        return {"ports": ports, "subsystems": subsystems}
+
+    def teardown(self) -> None:
+        """Remove every port, subsystem and host in dependency order (links first)."""
+        for port in (self.root / "ports").iterdir():
+            for link in (port / "subsystems").iterdir():
+                link.unlink()
+            for group in (port / "ana_groups").iterdir():
+                if group.name != "1":
+                    group.rmdir()
+            port.rmdir()
+        for subsys in (self.root / "subsystems").iterdir():
+            for host in (subsys / "allowed_hosts").iterdir():
+                host.unlink()
+            for ns in (subsys / "namespaces").iterdir():
+                _write(ns / "enable", 0)
+                ns.rmdir()
+            subsys.rmdir()
+        for host in (self.root / "hosts").iterdir():
+            host.rmdir()
+        for path in self._backing_files:
+            path.unlink(missing_ok=True)
+        self._backing_files.clear()
+        self._ana_groups = {1}
+
+
+# ---------------------------------------------------------------- agent / client
+
+#: Target methods the agent serves.
+AGENT_OPS = ("add_subsystem", "allow_host", "add_namespace", "resize_namespace",
+             "remove_namespace", "add_port", "link", "unlink", "set_ana_state", "state",
+             "teardown")
+
+
+class TargetAgent:
+    """Root-side JSON-over-unix-socket server so a non-root test can change the target.
+
+    One JSON object per line: ``{"op": ..., "args": [...], "kwargs": {...}}`` ->
+    ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``.
+    """
+
+    def __init__(self, target: Target, sock_path: str, mode: int = 0o666):
+        self.target = target
+        self.sock_path = sock_path
+        self._lock = threading.Lock()
+        agent = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                for line in self.rfile:
+                    reply = agent.dispatch(line)
+                    self.wfile.write(json.dumps(reply).encode() + b"\n")
+
+        if os.path.exists(sock_path):
+            os.unlink(sock_path)
+        os.makedirs(os.path.dirname(sock_path) or ".", exist_ok=True)
+        self.server = socketserver.ThreadingUnixStreamServer(sock_path, Handler)
+        self.server.daemon_threads = True
+        os.chmod(sock_path, mode)
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True,
+                                        name="target-agent")
+
+    def dispatch(self, line: bytes) -> dict:
+        try:
+            req = json.loads(line)
+            if req.get("op") not in AGENT_OPS:
+                raise ValueError(f"unknown op {req.get('op')!r}")
+            with self._lock:
+                result = getattr(self.target, req["op"])(*req.get("args", []),
+                                                         **req.get("kwargs", {}))
+            return {"ok": True, "result": result}
+        except Exception as exc:  # the client re-raises it; the agent keeps serving
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+    def start(self) -> "TargetAgent":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        if os.path.exists(self.sock_path):
+            os.unlink(self.sock_path)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class TargetError(RuntimeError):
+    """A target operation failed in the agent."""
+
+
+class TargetClient:
+    """Same methods as :class:`Target`, forwarded to a :class:`TargetAgent`."""
+
+    def __init__(self, sock_path: str | None = None, timeout: float = 60):
+        self.sock_path = sock_path or os.environ["NVMEOF_MP_TARGET_SOCK"]
+        self.timeout = timeout
+
+    def _call(self, op: str, *args, **kwargs):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(self.timeout)
+            sock.connect(self.sock_path)
+            sock.sendall(json.dumps({"op": op, "args": args, "kwargs": kwargs}).encode()
+                         + b"\n")
+            reply = json.loads(sock.makefile("rb").readline())
+        if not reply["ok"]:
+            raise TargetError(f"{op}: {reply['error']}")
+        return reply["result"]
+
+    def __getattr__(self, name):
+        if name not in AGENT_OPS:
+            raise AttributeError(name)
+        return lambda *args, **kwargs: self._call(name, *args, **kwargs)

@@ -1,0 +1,154 @@
+"""Pure decisions: request + topology snapshot in, plan out.  No I/O here.
+
+Everything that decides *what* to do (which portals to connect, which controllers to reuse,
+rescan or delete, which block device is the volume) lives here so it can be tested with plain
+values.  The connector executes the plans.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from nvmeof_mp.connection import Portal, Target
+from nvmeof_mp.topology import LIVE, TRANSIENT_STATES, Controller, Namespace, Snapshot
+
+USABLE_STATES = (LIVE,) + TRANSIENT_STATES
+ANA_PREFERENCE = ("optimized", "non-optimized")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectPlan:
+    """What to do for one target.
+
+    ``reuse`` maps portals to controllers the kernel already has (matched on NQN, traddr,
+    trsvcid, transport and host NQN).  ``connect`` lists portals to connect, in order.
+    ``all_portals`` says whether every portal is wanted (native multipath) or only the first
+    one that works.  ``rescan`` lists live reused controllers to rescan when the namespace is
+    not visible yet.
+    """
+
+    target: Target
+    reuse: tuple[tuple[Portal, str], ...]
+    connect: tuple[Portal, ...]
+    all_portals: bool
+    rescan: tuple[str, ...]
+
+    @property
+    def nothing_to_connect(self):
+        return not self.connect
+
+
+def controller_matches(ctrl: Controller, nqn: str, portal: Portal, host_nqn: str | None):
+    """The kernel's own duplicate rule: same subsystem, address, service and host NQN."""
+    return (ctrl.nqn == nqn and ctrl.traddr == portal.traddr and ctrl.trsvcid == portal.trsvcid
+            and ctrl.transport == portal.transport
+            and (host_nqn is None or ctrl.hostnqn is None or ctrl.hostnqn == host_nqn))
+
+
+def existing_controllers(target: Target, snapshot: Snapshot, host_nqn):
+    """Portal -> usable controller (live, or on its way to live) already present."""
+    found = {}
+    for ctrl in snapshot.controllers(target.nqn):
+        if ctrl.state not in USABLE_STATES:
+            continue
+        for portal in target.portals:
+            if portal not in found and controller_matches(ctrl, target.nqn, portal, host_nqn):
+                found[portal] = ctrl
+    return found
+
+
+def plan_connect(target: Target, snapshot: Snapshot, host_nqn, all_portals: bool) -> ConnectPlan:
+    """Decide which portals need a new controller.
+
+    With ``all_portals`` (native multipath) every portal without a controller is connected.
+    Otherwise (single path) nothing is connected when any portal already has a controller;
+    else the portals are tried in the given order until one works.
+    """
+    found = existing_controllers(target, snapshot, host_nqn)
+    reuse = tuple((p, found[p].name) for p in target.portals if p in found)
+    if all_portals:
+        connect = tuple(p for p in target.portals if p not in found)
+    else:
+        connect = () if found else target.portals
+    device = find_namespace(target, snapshot)
+    rescan = () if device else tuple(found[p].name for p in target.portals
+                                     if p in found and found[p].live)
+    return ConnectPlan(target, reuse, connect, all_portals, rescan)
+
+
+def find_namespace(target: Target, snapshot: Snapshot) -> Namespace | None:
+    """The visible block device of ``target``: by uuid, else nguid, else nsid.
+
+    Only namespaces of the target's own subsystem are considered, so two volumes that share a
+    subsystem can never be confused, and nothing is guessed from which /dev entries appeared.
+    With native multipath off one namespace can show up once per controller: the one behind a
+    live controller is preferred.
+    """
+    kind, value = target.identity
+    candidates = [ns for ns in snapshot.namespaces(target.nqn)
+                  if value is not None and getattr(ns, kind) == value]
+    if not candidates:
+        return None
+    states = {c.name: c.state for c in snapshot.controllers(target.nqn)}
+
+    def rank(ns):
+        live = any(states.get(c) == LIVE for c in ns.controllers())
+        return (0 if live else 1, ns.name)
+    return sorted(candidates, key=rank)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class PathReport:
+    controller: str
+    portal: str | None
+    state: str
+    ana_state: str | None
+
+
+def path_report(ns: Namespace | None, snapshot: Snapshot, nqn: str):
+    """One entry per controller of the subsystem, with the ANA state of ``ns`` on it."""
+    ana = {p.controller: p.ana_state for p in ns.paths} if ns else {}
+    reports = []
+    for ctrl in snapshot.controllers(nqn):
+        reports.append(PathReport(ctrl.name, str(ctrl.portal) if ctrl.portal else None,
+                                  ctrl.state, ana.get(ctrl.name)))
+    return tuple(reports)
+
+
+def usable_path(ns: Namespace, snapshot: Snapshot, nqn: str):
+    """True when I/O can flow now: a live controller with an accessible ANA state."""
+    states = {c.name: c.state for c in snapshot.controllers(nqn)}
+    if ns.controller:
+        return states.get(ns.controller) == LIVE
+    return any(states.get(p.controller) == LIVE and (p.ana_state in ANA_PREFERENCE
+                                                       or p.ana_state is None)
+               for p in ns.paths)
+
+
+def best_ana_state(ns: Namespace, snapshot: Snapshot, nqn: str):
+    """The best ANA state among live paths (``optimized`` beats ``non-optimized``)."""
+    states = {c.name: c.state for c in snapshot.controllers(nqn)}
+    live = [p.ana_state for p in ns.paths if states.get(p.controller) == LIVE]
+    for wanted in ANA_PREFERENCE:
+        if wanted in live:
+            return wanted
+    return live[0] if live else None
+
+
+def plan_disconnect(target: Target, snapshot: Snapshot, host_nqn) -> tuple[Namespace | None,
+                                                                            tuple[str, ...]]:
+    """Which controllers to delete when the volume of ``target`` goes away.
+
+    Controllers of the subsystem that belong to this host NQN are deleted only when the
+    subsystem exposes no other namespace: another volume on the same subsystem keeps them.
+    Returns (namespace or None, controllers to delete).
+    """
+    ns = find_namespace(target, snapshot)
+    kind, value = target.identity
+    # with native multipath off the same namespace appears once per controller: not "others"
+    others = [n for n in snapshot.namespaces(target.nqn) if getattr(n, kind) != value]
+    if others:
+        return ns, ()
+    ctrls = tuple(c.name for c in snapshot.controllers(target.nqn)
+                  if host_nqn is None or c.hostnqn is None or c.hostnqn == host_nqn)
+    return ns, ctrls

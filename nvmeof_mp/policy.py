@@ -1,0 +1,32 @@
+"""Timeout policy for fabrics controllers, chosen per attach mode.
+
+Defaults are chosen for multipath: a finite ``ctrl_loss_tmo`` (a dead path is given up after
+10 minutes and healed by ``check_paths``), a short ``reconnect_delay`` so a returning path is used
+again within seconds, and ``fast_io_fail_tmo`` on replica legs (md, dm-multipath) so I/O on a
+lost leg fails over in about a second instead of queueing until ctrl_loss_tmo.  A single path, or
+native multipath, keeps queueing: there the kernel itself requeues I/O on another path, and
+failing I/O fast on the only path would hurt the VM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeoutPolicy:
+    ctrl_loss_tmo: int | None = 600
+    reconnect_delay: int | None = 2
+    keep_alive_tmo: int | None = None
+    nr_io_queues: int | None = None
+    fast_io_fail_tmo: int | None = None     # single / native multipath
+    leg_fast_io_fail_tmo: int | None = 1     # RAID and DeviceMapper legs
+    device_timeout: float = 30.0             # how long to wait for the block device
+    ana_wait: float = 1.0                    # how long to wait for an optimized path
+
+    def controller_options(self, replica_leg: bool):
+        opts = {"ctrl_loss_tmo": self.ctrl_loss_tmo, "reconnect_delay": self.reconnect_delay,
+                "keep_alive_tmo": self.keep_alive_tmo, "nr_io_queues": self.nr_io_queues,
+                "fast_io_fail_tmo": (self.leg_fast_io_fail_tmo if replica_leg
+                                     else self.fast_io_fail_tmo)}
+        return {k: v for k, v in opts.items() if v is not None}

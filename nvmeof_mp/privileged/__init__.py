@@ -1,0 +1,28 @@
+"""The privsep context of nvmeof_mp.
+
+Every root action runs in a daemon started through ``privsep-helper`` with the root helper
+(``sudo nvmeof-mp-rootwrap /etc/nvmeof_mp/rootwrap.conf``); the rootwrap filter in
+``etc/rootwrap.d/nvmeof_mp.filters`` lets only this context start.  Entrypoints live in the
+sibling modules; each does one narrow thing and validates its arguments again inside the daemon.
+"""
+
+from oslo_privsep import capabilities as caps
+from oslo_privsep import priv_context
+
+CONTEXT_NAME = "nvmeof_mp.privileged.default"
+
+default = priv_context.PrivContext(
+    "nvmeof_mp",
+    cfg_section="nvmeof_mp_privileged",
+    pypath=CONTEXT_NAME,
+    capabilities=[caps.CAP_SYS_ADMIN, caps.CAP_DAC_OVERRIDE, caps.CAP_DAC_READ_SEARCH,
+                  caps.CAP_FOWNER, caps.CAP_MKNOD, caps.CAP_SYS_RAWIO],
+)
+
+
+def init(root_helper=None):
+    """Set the root helper used to start the daemon (the first privileged call starts it)."""
+    import shlex
+    if root_helper:
+        helper = shlex.split(root_helper) if isinstance(root_helper, str) else list(root_helper)
+        priv_context.init(root_helper=helper)

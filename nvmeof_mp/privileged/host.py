@@ -1,0 +1,108 @@
+"""Privileged host entrypoints: the host NQN / host ID files and flushing a block device."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import uuid as uuidlib
+
+from nvmeof_mp import privileged
+from nvmeof_mp.exception import PrivilegedArgumentError
+
+NVME_ETC = "/etc/nvme"
+_BLKFLSBUF = 0x1261
+# Only our own kinds of block devices may be flushed.
+_DEVICE_RE = re.compile(r"^/dev/(nvme\d+n\d+|md\d+|md/[A-Za-z0-9][A-Za-z0-9_.-]{0,31}|dm-\d+|"
+                        r"mapper/[A-Za-z0-9][A-Za-z0-9_.:-]{0,127})$")
+
+
+def system_uuid_sources(root="/"):
+    return [os.path.join(root, "sys/class/dmi/id/product_uuid"),
+            os.path.join(root, "etc/machine-id")]
+
+
+def derive_host_identity(root="/"):
+    """A stable (host NQN, host ID) from the system UUID, or the machine-id when there is none.
+
+    Stable matters: a new random NQN per call would make targets forget the host.
+    """
+    for path in system_uuid_sources(root):
+        try:
+            with open(path) as f:
+                raw = f.read().strip()   # product_uuid ends with a newline (os-brick bug 1939467)
+        except OSError:
+            continue
+        try:
+            value = str(uuidlib.UUID(raw))
+        except ValueError:
+            continue
+        if path.endswith("machine-id"):
+            value = str(uuidlib.uuid5(uuidlib.NAMESPACE_OID, "nvmeof_mp:" + value))
+        return "nqn.2014-08.org.nvmexpress:uuid:" + value, value
+    raise OSError("no system UUID or machine-id to derive a host NQN from")
+
+
+def ensure_identity_files(root="/"):
+    """Create /etc/nvme/hostnqn and hostid once if missing; return what they hold."""
+    etc = os.path.join(root, NVME_ETC.lstrip("/"))
+    nqn_path, id_path = os.path.join(etc, "hostnqn"), os.path.join(etc, "hostid")
+    existing = {}
+    for key, path in (("nqn", nqn_path), ("id", id_path)):
+        try:
+            with open(path) as f:
+                existing[key] = f.read().strip() or None
+        except OSError:
+            existing[key] = None
+    if existing["nqn"] and existing["id"]:
+        return existing["nqn"], existing["id"]
+    nqn, hostid = derive_host_identity(root)
+    if existing["nqn"] and existing["nqn"].startswith("nqn.2014-08.org.nvmexpress:uuid:"):
+        hostid = existing["nqn"].rsplit(":", 1)[1]     # keep the two consistent
+    os.makedirs(etc, exist_ok=True)
+    for value, path, old in ((nqn, nqn_path, existing["nqn"]),
+                             (hostid, id_path, existing["id"])):
+        if not old:
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(value + "\n")
+            os.replace(tmp, path)
+    return existing["nqn"] or nqn, existing["id"] or hostid
+
+
+@privileged.default.entrypoint
+def ensure_host_identity():
+    return ensure_identity_files("/")
+
+
+@privileged.default.entrypoint
+def read_system_uuid():
+    """The DMI product UUID is readable by root only."""
+    try:
+        return derive_host_identity("/")[1]
+    except OSError:
+        return None
+
+
+def device_path(path):
+    if not isinstance(path, str) or not _DEVICE_RE.match(path) or ".." in path:
+        raise PrivilegedArgumentError("not a device this library manages: %r" % (path,))
+    return path
+
+
+@privileged.default.entrypoint
+def flush_device(path):
+    """Write back and drop the buffer cache of a block device before it goes away."""
+    path = device_path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        return "open %s: %s" % (path, e.strerror)
+    try:
+        os.fsync(fd)
+        fcntl.ioctl(fd, _BLKFLSBUF, 0)
+    except OSError as e:
+        return "flush %s: %s" % (path, e.strerror)
+    finally:
+        os.close(fd)
+    return None

@@ -1,0 +1,199 @@
+"""Privileged NVMe entrypoints: connect a portal, delete / rescan a controller, tune it.
+
+Each function runs inside the privsep daemon as root and re-validates what it is given: the
+daemon must not trust its caller.  Results are plain dicts (privsep serialises them), errors of
+the kernel are returned, not raised, so the caller sees errno and text unchanged.
+"""
+
+from __future__ import annotations
+
+import errno as errnolib
+import json
+import os
+import re
+import subprocess
+
+from nvmeof_mp import connection
+from nvmeof_mp import privileged
+from nvmeof_mp.exception import InvalidConnectionInfo, PrivilegedArgumentError
+
+FABRICS_DEV = "/dev/nvme-fabrics"
+SYS_CLASS_NVME = "/sys/class/nvme"
+_CTRL_RE = re.compile(r"^nvme\d{1,5}$")
+_HOSTID_RE = re.compile(r"^[0-9a-fA-F-]{32,36}$")
+TUNABLE_ATTRS = ("ctrl_loss_tmo", "reconnect_delay", "fast_io_fail_tmo")
+# nvme-cli spells "already connected" in several ways across versions (1.x: exit 114 or 70,
+# 2.x: exit 1 and a message, sometimes with a typo).
+_ALREADY_EXITS = (114, 70)
+_ALREADY_TEXTS = ("already connected", "already connnected")
+CONNECT_METHODS = ("nvme-cli", "fabrics")
+
+
+def connect_options(opts):
+    """Validate a connect request and return it normalised (used on both sides of privsep)."""
+    if not isinstance(opts, dict):
+        raise PrivilegedArgumentError("connect options must be a dict")
+    try:
+        nqn = connection.validate_nqn(opts.get("nqn"), "nqn")
+        portal = connection.validate_portal(
+            (opts.get("traddr"), opts.get("trsvcid"), opts.get("transport")), "portal")
+        host_nqn = opts.get("host_nqn")
+        if host_nqn is not None:
+            connection.validate_nqn(host_nqn, "host_nqn")
+    except InvalidConnectionInfo as e:
+        raise PrivilegedArgumentError(str(e))
+    host_id = opts.get("host_id")
+    if host_id is not None and not _HOSTID_RE.match(str(host_id)):
+        raise PrivilegedArgumentError("host_id is not a UUID")
+    out = {"nqn": nqn, "traddr": portal.traddr, "trsvcid": portal.trsvcid,
+           "transport": portal.transport, "host_nqn": host_nqn, "host_id": host_id}
+    for key in ("ctrl_loss_tmo", "reconnect_delay", "fast_io_fail_tmo", "keep_alive_tmo",
+                "nr_io_queues"):
+        value = opts.get(key)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value <= 86400:
+                raise PrivilegedArgumentError("%s must be an integer in -1..86400" % key)
+        out[key] = value
+    for key in connection.SECRET_KEYS:
+        value = opts.get(key)
+        if value is not None and not connection._SECRET_RE.match(str(value)):
+            raise PrivilegedArgumentError("%s is malformed" % key)   # never echo a secret
+        out[key] = value
+    return out
+
+
+def controller_name(name):
+    if not isinstance(name, str) or not _CTRL_RE.match(name):
+        raise PrivilegedArgumentError("not a controller name: %r" % (name,))
+    return name
+
+
+@privileged.default.entrypoint
+def connect_portal(opts, method="nvme-cli"):
+    """Create one fabrics controller.  Returns {'controller': 'nvmeN'} or {'error', 'errno',
+    'already'}.  fast_io_fail_tmo is applied in the same call when the tool lacks the option.
+    """
+    opts = connect_options(opts)
+    if method not in CONNECT_METHODS:
+        raise PrivilegedArgumentError("unknown connect method %r" % (method,))
+    if method == "fabrics" and os.path.exists(FABRICS_DEV):
+        return _connect_fabrics(opts)
+    if opts.get("dhchap_secret") or opts.get("dhchap_ctrl_secret"):
+        # nvme-cli would put the secret on a command line visible in the process list
+        return {"error": "DH-HMAC-CHAP needs %s (nvme-cli would expose the secret)"
+                % FABRICS_DEV, "errno": errnolib.ENOENT, "already": False}
+    return _connect_cli(opts)
+
+
+def fabrics_option_string(opts):
+    """The kernel's option string for /dev/nvme-fabrics (validated values only)."""
+    parts = ["nqn=%s" % opts["nqn"], "transport=%s" % opts["transport"],
+             "traddr=%s" % opts["traddr"], "trsvcid=%s" % opts["trsvcid"]]
+    names = (("host_nqn", "hostnqn"), ("host_id", "hostid"), ("nr_io_queues", "nr_io_queues"),
+             ("ctrl_loss_tmo", "ctrl_loss_tmo"), ("reconnect_delay", "reconnect_delay"),
+             ("fast_io_fail_tmo", "fast_io_fail_tmo"), ("keep_alive_tmo", "keep_alive_tmo"),
+             ("dhchap_secret", "dhchap_secret"), ("dhchap_ctrl_secret", "dhchap_ctrl_secret"))
+    for key, kname in names:
+        if opts.get(key) is not None:
+            parts.append("%s=%s" % (kname, opts[key]))
+    return ",".join(parts)
+
+
+def _connect_fabrics(opts):
+    try:
+        fd = os.open(FABRICS_DEV, os.O_RDWR)
+    except OSError as e:
+        return {"error": "open %s: %s" % (FABRICS_DEV, e.strerror), "errno": e.errno,
+                "already": False}
+    try:
+        os.write(fd, fabrics_option_string(opts).encode())
+        reply = os.read(fd, 4096).decode(errors="replace")
+    except OSError as e:
+        return {"error": os.strerror(e.errno), "errno": e.errno,
+                "already": e.errno == errnolib.EALREADY}
+    finally:
+        os.close(fd)
+    m = re.search(r"instance=(\d+)", reply)
+    if not m:
+        return {"error": "unexpected reply %r" % reply, "errno": None, "already": False}
+    return {"controller": "nvme%s" % m.group(1)}
+
+
+def nvme_cli_argv(opts):
+    argv = ["nvme", "connect", "-t", opts["transport"], "-a", opts["traddr"],
+            "-s", opts["trsvcid"], "-n", opts["nqn"], "-o", "json"]
+    flags = (("host_nqn", "-q"), ("host_id", "-I"), ("ctrl_loss_tmo", "-l"),
+             ("reconnect_delay", "-c"), ("keep_alive_tmo", "-k"), ("nr_io_queues", "-i"))
+    for key, flag in flags:
+        if opts.get(key) is not None:
+            argv += [flag, str(opts[key])]
+    return argv
+
+
+def _connect_cli(opts):
+    try:
+        proc = subprocess.run(nvme_cli_argv(opts), capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        return {"error": "nvme-cli is not installed", "errno": errnolib.ENOENT, "already": False}
+    except subprocess.TimeoutExpired:
+        return {"error": "nvme connect timed out", "errno": errnolib.ETIMEDOUT,
+                "already": False}
+    text = (proc.stdout + proc.stderr).strip()
+    if proc.returncode != 0:
+        already = proc.returncode in _ALREADY_EXITS or any(t in text.lower()
+                                                           for t in _ALREADY_TEXTS)
+        return {"error": text or "nvme connect exit %d" % proc.returncode,
+                "errno": proc.returncode, "already": already}
+    ctrl = None
+    try:
+        ctrl = json.loads(proc.stdout).get("device")
+    except ValueError:
+        m = re.search(r"\b(nvme\d+)\b", text)
+        ctrl = m.group(1) if m else None
+    if ctrl and opts.get("fast_io_fail_tmo") is not None:
+        # nvme-cli 2.3 has no option for it; the kernel takes it through sysfs
+        _write_attr(ctrl, "fast_io_fail_tmo", opts["fast_io_fail_tmo"])
+    return {"controller": ctrl}
+
+
+@privileged.default.entrypoint
+def delete_controller(name):
+    """Disconnect one controller (what ``nvme disconnect -d`` does, without a process)."""
+    return _write_sysfs(controller_name(name), "delete_controller", "1")
+
+
+@privileged.default.entrypoint
+def rescan_controllers(names):
+    """Ask live controllers to rescan their namespaces (one call for all of them)."""
+    return {name: _write_sysfs(controller_name(name), "rescan_controller", "1")
+            for name in names}
+
+
+@privileged.default.entrypoint
+def set_controller_attrs(name, attrs):
+    """Write timeout attributes of a connected controller (only TUNABLE_ATTRS)."""
+    name = controller_name(name)
+    out = {}
+    for attr, value in dict(attrs).items():
+        out[attr] = _write_attr(name, attr, value)
+    return out
+
+
+def _write_attr(name, attr, value):
+    if attr not in TUNABLE_ATTRS:
+        raise PrivilegedArgumentError("attribute %r is not tunable" % (attr,))
+    if value == "off" or value == -1:
+        value = "off" if attr == "fast_io_fail_tmo" else "-1"
+    elif isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 86400:
+        raise PrivilegedArgumentError("%s must be an integer in 0..86400 or 'off'" % attr)
+    return _write_sysfs(name, attr, str(value))
+
+
+def _write_sysfs(name, attr, value):
+    path = os.path.join(SYS_CLASS_NVME, name, attr)
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+        return None
+    except OSError as e:
+        return "%s: %s" % (path, e.strerror)

@@ -1,0 +1,464 @@
+"""A simulated NVMe-oF host: a sysfs tree in a directory plus a fake kernel.
+
+The fake kernel implements the same ``Kernel`` interface as the privileged one and changes the
+tree the way Linux 6.1 does (layouts and values from the lab's captures, see
+doc/source/kernel-facts.rst):
+
+* controllers ``nvmeN`` (lowest free instance) under ``devices/virtual/nvme-fabrics/ctl``;
+  subsystems ``nvme-subsysS``; with native multipath a head ``nvmeSnK`` in the subsystem and a
+  hidden path ``nvmeScNnK`` per controller, without it a plain ``nvmeNnK`` per controller;
+* a duplicate connect fails with "already connected"; a namespace whose uuid/nguid exists in
+  another subsystem is ignored ("duplicate IDs");
+* namespaces appear asynchronously (``ns_delay``), a controller whose portal goes down moves to
+  ``connecting`` and its ``address`` loses ``src_addr``;
+* time is a ``FakeClock``: waiting costs no wall time and events fire as the clock advances.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno as errnolib
+import heapq
+import itertools
+import os
+import shutil
+import threading
+
+from nvmeof_mp.kernel import Kernel
+
+HOST_NQN = "nqn.2014-08.org.nvmexpress:uuid:3a940e64-7dfc-485f-a005-76d53d71924d"
+HOST_ID = "ee968767-f125-4d4b-a901-62e3eca22e81"
+SYSTEM_UUID = "3a940e64-7dfc-485f-a005-76d53d71924d"
+
+
+class FakeClock:
+    """Monotonic time that moves only when someone sleeps; due events fire on the way."""
+
+    def __init__(self):
+        self.now = 1000.0
+        self._events = []
+        self._seq = itertools.count()
+        self._lock = threading.RLock()
+
+    def monotonic(self):
+        return self.now
+
+    def at(self, delay, fn):
+        with self._lock:
+            heapq.heappush(self._events, (self.now + delay, next(self._seq), fn))
+
+    def sleep(self, seconds):
+        with self._lock:
+            self.now += max(seconds, 0)
+        self.run_due()
+
+    def run_due(self):
+        """Fire due events outside the clock's lock (they take the simulated kernel's)."""
+        while True:
+            with self._lock:
+                if not self._events or self._events[0][0] > self.now:
+                    return
+                _, _, fn = heapq.heappop(self._events)
+            fn()
+
+
+@dataclasses.dataclass
+class SimNamespace:
+    nsid: int
+    uuid: str | None
+    nguid: str | None = None
+    size_sectors: int = 131072
+    ana_group: int = 1
+
+
+@dataclasses.dataclass
+class SimPortal:
+    """Target side of one port: ``up``, ``refuse`` (ECONNREFUSED), ``timeout`` or ``stuck``."""
+
+    traddr: str
+    trsvcid: str
+    transport: str = "tcp"
+    mode: str = "up"
+    ana: str = "optimized"
+
+    @property
+    def key(self):
+        return (self.traddr, self.trsvcid, self.transport)
+
+
+@dataclasses.dataclass
+class SimTarget:
+    nqn: str
+    portals: list
+    namespaces: list
+    hidden_nsids: set = dataclasses.field(default_factory=set)   # "never appears"
+
+
+@dataclasses.dataclass
+class SimController:
+    name: str
+    instance: int
+    subsys: str
+    nqn: str
+    portal: SimPortal
+    hostnqn: str
+    state: str = "live"
+    namespaces: dict = dataclasses.field(default_factory=dict)   # nsid -> device name
+
+
+class SimHost(Kernel):
+    """The fake kernel plus the target side, writing a sysfs tree below ``root``."""
+
+    def __init__(self, root, native_multipath=True, clock=None, ns_delay=0.05,
+                 with_identity=True, connect_cost=0.0):
+        super().__init__()
+        self.root = root
+        self.clock = clock or FakeClock()
+        self.ns_delay = ns_delay
+        self.connect_cost = connect_cost
+        self.native = native_multipath
+        self.targets = {}
+        self.ctrls = {}
+        self.subsystems = {}          # nqn -> (subsys name, instance)
+        self.heads = {}               # (nqn, nsid) -> (head instance, name)
+        self.flushed = []
+        self.flush_error = None
+        self.log = []                 # kernel messages, like dmesg
+        self.lock = threading.RLock()
+        self.sys = os.path.join(root, "sys")
+        for d in ("devices/virtual/nvme-fabrics/ctl", "devices/virtual/nvme-subsystem",
+                  "class/nvme", "class/nvme-subsystem", "class/block",
+                  "module/nvme_core/parameters", "class/dmi/id"):
+            os.makedirs(os.path.join(self.sys, d), exist_ok=True)
+        os.makedirs(os.path.join(root, "dev"), exist_ok=True)
+        _write(os.path.join(self.sys, "module/nvme_core/parameters/multipath"),
+               "Y" if native_multipath else "N")
+        _write(os.path.join(self.sys, "class/dmi/id/product_uuid"), SYSTEM_UUID + "\n")
+        if with_identity:
+            _write(os.path.join(root, "etc/nvme/hostnqn"), HOST_NQN + "\n")
+            _write(os.path.join(root, "etc/nvme/hostid"), HOST_ID + "\n")
+
+    # -- target side ---------------------------------------------------------------------------
+
+    def add_target(self, nqn, portals, namespaces):
+        """portals: [(traddr, trsvcid[, transport])]; namespaces: [SimNamespace or dict]."""
+        ps = [SimPortal(p[0], str(p[1]), p[2] if len(p) > 2 else "tcp") for p in portals]
+        nss = [n if isinstance(n, SimNamespace) else SimNamespace(**n) for n in namespaces]
+        self.targets[nqn] = SimTarget(nqn, ps, nss)
+        return self.targets[nqn]
+
+    def portal(self, nqn, trsvcid):
+        return next(p for p in self.targets[nqn].portals if p.trsvcid == str(trsvcid))
+
+    def add_namespace(self, nqn, ns):
+        """Map a new namespace on the target (visible after a rescan or an AEN)."""
+        self.targets[nqn].namespaces.append(ns)
+
+    def resize(self, nqn, nsid, size_sectors):
+        for ns in self.targets[nqn].namespaces:
+            if ns.nsid == nsid:
+                ns.size_sectors = size_sectors
+
+    def path_down(self, nqn, trsvcid):
+        """The target closes the port: controllers go to ``connecting``, src_addr vanishes."""
+        with self.lock:
+            p = self.portal(nqn, trsvcid)
+            p.mode = "refuse"
+            for c in self._ctrls_on(p, nqn):
+                self._set_state(c, "connecting")
+
+    def path_up(self, nqn, trsvcid):
+        with self.lock:
+            p = self.portal(nqn, trsvcid)
+            p.mode = "up"
+            for c in self._ctrls_on(p, nqn):
+                self.clock.at(1.0, lambda c=c: self._set_state(c, "live"))
+
+    def expire(self, name):
+        """ctrl_loss_tmo ran out: the kernel deletes the controller by itself."""
+        with self.lock:
+            self._delete(name)
+
+    def set_ana(self, nqn, trsvcid, state):
+        with self.lock:
+            p = self.portal(nqn, trsvcid)
+            p.ana = state
+            for c in self._ctrls_on(p, nqn):
+                for nsid in c.namespaces:
+                    path = self._path_dir(c, nsid)
+                    if path:
+                        _write(os.path.join(path, "ana_state"), state)
+
+    def _ctrls_on(self, portal, nqn):
+        return [c for c in self.ctrls.values() if c.nqn == nqn and c.portal is portal]
+
+    # -- Kernel interface ----------------------------------------------------------------------
+
+    def connect(self, opts):
+        self._count("connect")
+        if self.connect_cost:
+            self.clock.sleep(self.connect_cost)
+        with self.lock:
+            target = self.targets.get(opts["nqn"])
+            key = (opts["traddr"], str(opts["trsvcid"]), opts["transport"])
+            portal = next((p for p in target.portals if p.key == key), None) if target else None
+            hostnqn = opts.get("host_nqn") or HOST_NQN
+            for c in self.ctrls.values():
+                if (c.nqn == opts["nqn"] and c.portal.key == key and c.hostnqn == hostnqn
+                        and c.state != "deleting"):
+                    return {"error": "already connected", "errno": 1, "already": True}
+            if portal is None or portal.mode == "refuse":
+                return {"error": "Failed to write to /dev/nvme-fabrics: Connection refused",
+                        "errno": errnolib.ECONNREFUSED, "already": False}
+            if portal.mode != "timeout":
+                return self._connected(target, portal, hostnqn, opts)
+        self.clock.sleep(3.0)
+        return {"error": "Failed to write to /dev/nvme-fabrics: Connection timed out",
+                "errno": errnolib.ETIMEDOUT, "already": False}
+
+    def _connected(self, target, portal, hostnqn, opts):
+        with self.lock:
+            ctrl = self._create_controller(target, portal, hostnqn, opts)
+            if portal.mode == "stuck":
+                self._set_state(ctrl, "connecting")
+            else:
+                self.clock.at(self.ns_delay, lambda: self._scan(ctrl.name))
+            return {"controller": ctrl.name}
+
+    def delete_controller(self, name):
+        self._count("delete_controller")
+        with self.lock:
+            if name not in self.ctrls:
+                return "/sys/class/nvme/%s/delete_controller: No such file or directory" % name
+            self._delete(name)
+            return None
+
+    def rescan_controllers(self, names):
+        self._count("rescan_controllers")
+        with self.lock:
+            for name in names:
+                if name in self.ctrls:
+                    self._scan(name)
+            return {n: None for n in names}
+
+    def set_controller_attrs(self, name, attrs):
+        self._count("set_controller_attrs")
+        with self.lock:
+            for attr, value in attrs.items():
+                _write(os.path.join(self._ctrl_dir(name), attr), str(value))
+            return {a: None for a in attrs}
+
+    def flush_device(self, path):
+        self._count("flush_device")
+        self.flushed.append(path)
+        return self.flush_error
+
+    def ensure_host_identity(self):
+        self._count("ensure_host_identity")
+        from nvmeof_mp.privileged.host import ensure_identity_files
+        return ensure_identity_files(self.root)
+
+    def read_system_uuid(self):
+        self._count("read_system_uuid")
+        return SYSTEM_UUID
+
+    # -- the kernel's own behaviour ------------------------------------------------------------
+
+    def _ctrl_dir(self, name):
+        return os.path.join(self.sys, "devices/virtual/nvme-fabrics/ctl", name)
+
+    def _subsys_dir(self, sname):
+        return os.path.join(self.sys, "devices/virtual/nvme-subsystem", sname)
+
+    def _create_controller(self, target, portal, hostnqn, opts):
+        used = {c.instance for c in self.ctrls.values()}
+        inst = next(i for i in itertools.count() if i not in used)
+        name = "nvme%d" % inst
+        if target.nqn not in self.subsystems:
+            used_s = {i for _, i in self.subsystems.values()}
+            sinst = next(i for i in itertools.count() if i not in used_s)
+            sname = "nvme-subsys%d" % sinst
+            self.subsystems[target.nqn] = (sname, sinst)
+            sdir = self._subsys_dir(sname)
+            os.makedirs(sdir)
+            for attr, value in (("subsysnqn", target.nqn), ("iopolicy", "numa"),
+                                ("model", "sim-nvmet"), ("subsystype", "nvm")):
+                _write(os.path.join(sdir, attr), value)
+            os.symlink("../../devices/virtual/nvme-subsystem/" + sname,
+                       os.path.join(self.sys, "class/nvme-subsystem", sname))
+        sname = self.subsystems[target.nqn][0]
+        ctrl = SimController(name, inst, sname, target.nqn, portal, hostnqn)
+        cdir = self._ctrl_dir(name)
+        os.makedirs(cdir)
+        attrs = {"state": "live", "transport": portal.transport, "subsysnqn": target.nqn,
+                 "address": "traddr=%s,trsvcid=%s,src_addr=%s" % (portal.traddr,
+                                                                   portal.trsvcid,
+                                                                   portal.traddr),
+                 "hostnqn": hostnqn, "hostid": opts.get("host_id") or HOST_ID,
+                 "cntlid": str(inst + 1), "kato": str(opts.get("keep_alive_tmo") or 5),
+                 "ctrl_loss_tmo": str(opts.get("ctrl_loss_tmo", 600)),
+                 "reconnect_delay": str(opts.get("reconnect_delay", 10)),
+                 "fast_io_fail_tmo": str(opts.get("fast_io_fail_tmo", "off"))}
+        for attr, value in attrs.items():
+            _write(os.path.join(cdir, attr), value)
+        os.symlink("../../devices/virtual/nvme-fabrics/ctl/" + name,
+                   os.path.join(self.sys, "class/nvme", name))
+        os.symlink("../../nvme-fabrics/ctl/" + name, os.path.join(self._subsys_dir(sname), name))
+        self.ctrls[name] = ctrl
+        return ctrl
+
+    def _set_state(self, ctrl, state):
+        if ctrl.name not in self.ctrls:
+            return
+        ctrl.state = state
+        cdir = self._ctrl_dir(ctrl.name)
+        _write(os.path.join(cdir, "state"), state)
+        p = ctrl.portal
+        addr = "traddr=%s,trsvcid=%s" % (p.traddr, p.trsvcid)
+        if state == "live":
+            addr += ",src_addr=%s" % p.traddr
+            self._scan(ctrl.name)
+        _write(os.path.join(cdir, "address"), addr)
+
+    def _scan(self, name):
+        """Namespace scan of a live controller: add new namespaces, resize known ones."""
+        with self.lock:
+            ctrl = self.ctrls.get(name)
+            if ctrl is None or ctrl.state != "live":
+                return
+            target = self.targets[ctrl.nqn]
+            for ns in target.namespaces:
+                if ns.nsid in target.hidden_nsids:
+                    continue
+                if ns.nsid in ctrl.namespaces:
+                    self._resize_devices(ctrl, ns)
+                    continue
+                if self._duplicate_ids(ctrl.nqn, ns):
+                    self.log.append("nvme %s: ignoring nsid %d because of duplicate IDs"
+                                    % (name, ns.nsid))
+                    continue
+                self._add_namespace(ctrl, ns)
+
+    def _duplicate_ids(self, nqn, ns):
+        for other in self.targets.values():
+            if other.nqn == nqn or other.nqn not in self.subsystems:
+                continue
+            if not any(c.nqn == other.nqn for c in self.ctrls.values()):
+                continue
+            for o in other.namespaces:
+                if (ns.uuid and o.uuid == ns.uuid) or (ns.nguid and o.nguid == ns.nguid):
+                    return True
+        return False
+
+    def _head(self, ctrl, ns):
+        key = (ctrl.nqn, ns.nsid)
+        if key not in self.heads:
+            used = {i for (n, _), (i, _) in self.heads.items() if n == ctrl.nqn}
+            inst = next(i for i in itertools.count(1) if i not in used)
+            sinst = self.subsystems[ctrl.nqn][1]
+            self.heads[key] = (inst, "nvme%dn%d" % (sinst, inst))
+        return self.heads[key]
+
+    def _ns_attrs(self, ns, hidden):
+        nguid = _uuid_form(ns.nguid) if ns.nguid else "00000000-0000-0000-0000-000000000000"
+        return {"uuid": ns.uuid or "00000000-0000-0000-0000-000000000000", "nguid": nguid,
+                "wwid": "uuid.%s" % ns.uuid if ns.uuid else "eui.%s" % (ns.nguid or ""),
+                "nsid": str(ns.nsid), "size": str(ns.size_sectors), "hidden": str(hidden)}
+
+    def _add_namespace(self, ctrl, ns):
+        inst, head_name = self._head(ctrl, ns)
+        if self.native:
+            sdir = self._subsys_dir(ctrl.subsys)
+            hdir = os.path.join(sdir, head_name)
+            if not os.path.isdir(hdir):
+                self._make_block(hdir, head_name, self._ns_attrs(ns, 0),
+                                 "../../devices/virtual/nvme-subsystem/%s/%s" % (ctrl.subsys,
+                                                                               head_name))
+            pname = "nvme%dc%dn%d" % (self.subsystems[ctrl.nqn][1], ctrl.instance, inst)
+            attrs = dict(self._ns_attrs(ns, 1), ana_state=ctrl.portal.ana,
+                         ana_grpid=str(ns.ana_group))
+            self._make_block(os.path.join(self._ctrl_dir(ctrl.name), pname), pname, attrs,
+                             "../../devices/virtual/nvme-fabrics/ctl/%s/%s" % (ctrl.name, pname),
+                             dev_node=False)
+            ctrl.namespaces[ns.nsid] = head_name
+        else:
+            dname = "nvme%dn%d" % (ctrl.instance, inst)
+            self._make_block(os.path.join(self._ctrl_dir(ctrl.name), dname), dname,
+                             self._ns_attrs(ns, 0),
+                             "../../devices/virtual/nvme-fabrics/ctl/%s/%s" % (ctrl.name, dname))
+            ctrl.namespaces[ns.nsid] = dname
+
+    def _make_block(self, d, name, attrs, link, dev_node=True):
+        os.makedirs(d)
+        for attr, value in attrs.items():
+            _write(os.path.join(d, attr), value)
+        os.symlink(link, os.path.join(self.sys, "class/block", name))
+        if dev_node:
+            _write(os.path.join(self.root, "dev", name), "")
+
+    def _resize_devices(self, ctrl, ns):
+        for d in (self._path_dir(ctrl, ns.nsid), self._device_dir(ctrl, ns.nsid)):
+            if d and os.path.isdir(d):
+                _write(os.path.join(d, "size"), str(ns.size_sectors))
+
+    def _path_dir(self, ctrl, nsid):
+        if not self.native or nsid not in ctrl.namespaces:
+            return None
+        inst = self.heads[(ctrl.nqn, nsid)][0]
+        return os.path.join(self._ctrl_dir(ctrl.name), "nvme%dc%dn%d" % (
+            self.subsystems[ctrl.nqn][1], ctrl.instance, inst))
+
+    def _device_dir(self, ctrl, nsid):
+        name = ctrl.namespaces.get(nsid)
+        if name is None:
+            return None
+        if self.native:
+            return os.path.join(self._subsys_dir(ctrl.subsys), name)
+        return os.path.join(self._ctrl_dir(ctrl.name), name)
+
+    def _delete(self, name):
+        ctrl = self.ctrls.pop(name, None)
+        if ctrl is None:
+            return
+        for nsid, dev in ctrl.namespaces.items():
+            d = self._path_dir(ctrl, nsid) if self.native else self._device_dir(ctrl, nsid)
+            if d:
+                _unlink(os.path.join(self.sys, "class/block", os.path.basename(d)))
+            if not self.native:
+                _unlink(os.path.join(self.root, "dev", dev))
+        shutil.rmtree(self._ctrl_dir(name), ignore_errors=True)
+        _unlink(os.path.join(self.sys, "class/nvme", name))
+        _unlink(os.path.join(self._subsys_dir(ctrl.subsys), name))
+        if not any(c.nqn == ctrl.nqn for c in self.ctrls.values()):
+            sname = ctrl.subsys
+            for (nqn, nsid), (_, head) in list(self.heads.items()):
+                if nqn == ctrl.nqn:
+                    _unlink(os.path.join(self.sys, "class/block", head))
+                    _unlink(os.path.join(self.root, "dev", head))
+                    del self.heads[(nqn, nsid)]
+            shutil.rmtree(self._subsys_dir(sname), ignore_errors=True)
+            _unlink(os.path.join(self.sys, "class/nvme-subsystem", sname))
+            del self.subsystems[ctrl.nqn]
+
+    # -- views for tests -----------------------------------------------------------------------
+
+    def controllers(self, nqn=None):
+        return sorted(n for n, c in self.ctrls.items() if nqn is None or c.nqn == nqn)
+
+
+def _uuid_form(hexstr):
+    h = hexstr.replace("-", "").lower()
+    return "%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
+
+
+def _write(path, value):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(value if value.endswith("\n") else value + "\n")
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,268 @@
+"""Read-only snapshot of the host's NVMe topology from sysfs.
+
+The object tree follows libnvme: subsystem -> controllers, subsystem -> namespaces -> paths.
+Nothing here writes; the sysfs root is a parameter so tests run against a directory tree.
+
+Kernel facts this relies on (Linux 6.1, see doc/source/kernel-facts.rst):
+
+* ``/sys/class/nvme-subsystem/nvme-subsysN/`` holds ``subsysnqn``, ``iopolicy``, one symlink per
+  controller (``nvme0 -> ../../nvme-fabrics/ctl/nvme0``) and, with native multipath, the
+  namespace heads (``nvme0n1``).
+* ``/sys/class/nvme/nvmeX/`` holds ``state``, ``transport``, ``address``, ``hostnqn``... and either
+  per-path entries ``nvmeSsubcXnY`` (native multipath, ``hidden=1``) or plain namespaces
+  ``nvmeXnY`` (multipath off).
+* ``address`` is ``traddr=..,trsvcid=..[,src_addr=..][,host_traddr=..]``; ``src_addr`` vanishes
+  while the controller reconnects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Iterable
+
+from nvmeof_mp.connection import Portal
+
+_CTRL_RE = re.compile(r"^nvme(\d+)$")
+_HEAD_RE = re.compile(r"^nvme(\d+)n(\d+)$")
+_PATH_RE = re.compile(r"^nvme(\d+)c(\d+)n(\d+)$")
+LIVE = "live"
+TRANSIENT_STATES = ("new", "connecting", "resetting")
+SECTOR = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class Controller:
+    name: str
+    nqn: str
+    state: str
+    transport: str
+    traddr: str | None
+    trsvcid: str | None
+    hostnqn: str | None = None
+    hostid: str | None = None
+    host_traddr: str | None = None
+    host_iface: str | None = None
+    src_addr: str | None = None
+    cntlid: str | None = None
+    ctrl_loss_tmo: str | None = None
+    reconnect_delay: str | None = None
+    fast_io_fail_tmo: str | None = None
+    kato: str | None = None
+
+    @property
+    def live(self):
+        return self.state == LIVE
+
+    @property
+    def portal(self) -> Portal | None:
+        if self.traddr is None or self.trsvcid is None:
+            return None
+        return Portal(self.traddr, self.trsvcid, self.transport)
+
+
+@dataclasses.dataclass(frozen=True)
+class Path:
+    """One controller's view of a namespace (``nvme0c1n1``) and its ANA state."""
+
+    name: str
+    controller: str
+    ana_state: str | None
+    ana_grpid: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Namespace:
+    """A visible block device of a subsystem (a multipath head, or a plain namespace)."""
+
+    name: str
+    subsystem: str
+    nsid: int | None
+    uuid: str | None
+    nguid: str | None
+    wwid: str | None
+    size_sectors: int
+    paths: tuple[Path, ...] = ()
+    controller: str | None = None   # set when native multipath is off
+
+    @property
+    def device(self):
+        return "/dev/" + self.name
+
+    @property
+    def size_bytes(self):
+        return self.size_sectors * SECTOR
+
+    def controllers(self):
+        if self.controller:
+            return (self.controller,)
+        return tuple(p.controller for p in self.paths)
+
+
+@dataclasses.dataclass(frozen=True)
+class Subsystem:
+    name: str
+    nqn: str
+    iopolicy: str | None
+    controllers: tuple[Controller, ...]
+    namespaces: tuple[Namespace, ...]
+
+    def controller(self, name):
+        for c in self.controllers:
+            if c.name == name:
+                return c
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    subsystems: tuple[Subsystem, ...]
+
+    def for_nqn(self, nqn) -> tuple[Subsystem, ...]:
+        return tuple(s for s in self.subsystems if s.nqn == nqn)
+
+    def controllers(self, nqn=None) -> tuple[Controller, ...]:
+        return tuple(c for s in self.subsystems if nqn is None or s.nqn == nqn
+                     for c in s.controllers)
+
+    def namespaces(self, nqn=None) -> tuple[Namespace, ...]:
+        return tuple(n for s in self.subsystems if nqn is None or s.nqn == nqn
+                     for n in s.namespaces)
+
+    def namespace(self, devname) -> tuple[Subsystem, Namespace] | None:
+        for s in self.subsystems:
+            for n in s.namespaces:
+                if n.name == devname:
+                    return s, n
+        return None
+
+
+class SysfsReader:
+    """Reads snapshots below ``sys_root`` (``/sys`` on a real host)."""
+
+    def __init__(self, sys_root="/sys"):
+        self.sys_root = sys_root
+        self.subsys_dir = os.path.join(sys_root, "class", "nvme-subsystem")
+        self.ctrl_dir = os.path.join(sys_root, "class", "nvme")
+
+    def snapshot(self, nqns: Iterable[str] | None = None) -> Snapshot:
+        """Snapshot of every subsystem, or only those whose NQN is in ``nqns``.
+
+        Narrowing matters at scale: only one small file is read per unrelated subsystem.
+        """
+        wanted = set(nqns) if nqns is not None else None
+        subsystems = []
+        for name in _listdir(self.subsys_dir):
+            sdir = os.path.join(self.subsys_dir, name)
+            nqn = _read(os.path.join(sdir, "subsysnqn"))
+            if nqn is None or (wanted is not None and nqn not in wanted):
+                continue
+            subsystems.append(self._subsystem(name, sdir, nqn))
+        return Snapshot(tuple(sorted(subsystems, key=lambda s: _natural(s.name))))
+
+    def native_multipath(self):
+        value = _read(os.path.join(self.sys_root, "module", "nvme_core", "parameters",
+                                   "multipath"))
+        return value == "Y"
+
+    def _subsystem(self, name, sdir, nqn):
+        entries = _listdir(sdir)
+        controllers, paths_by_head, plain = [], {}, []
+        for entry in entries:
+            if not _CTRL_RE.match(entry):
+                continue
+            ctrl = self._controller(entry, nqn)
+            if ctrl is None:
+                continue
+            controllers.append(ctrl)
+            cdir = os.path.join(self.ctrl_dir, entry)
+            for sub in _listdir(cdir):
+                m = _PATH_RE.match(sub)
+                if m:
+                    head = "nvme%sn%s" % (m.group(1), m.group(3))
+                    pdir = os.path.join(cdir, sub)
+                    paths_by_head.setdefault(head, []).append(Path(
+                        sub, entry, _read(os.path.join(pdir, "ana_state")),
+                        _read(os.path.join(pdir, "ana_grpid"))))
+                elif _HEAD_RE.match(sub):
+                    ns = _namespace(sub, name, os.path.join(cdir, sub), controller=entry)
+                    if ns is not None:
+                        plain.append(ns)
+        heads = []
+        for entry in entries:
+            if _HEAD_RE.match(entry):
+                paths = tuple(sorted(paths_by_head.get(entry, ()), key=lambda p: _natural(p.name)))
+                ns = _namespace(entry, name, os.path.join(sdir, entry), paths=paths)
+                if ns is not None:
+                    heads.append(ns)
+        namespaces = sorted(heads + plain, key=lambda n: _natural(n.name))
+        return Subsystem(name, nqn, _read(os.path.join(sdir, "iopolicy")),
+                         tuple(sorted(controllers, key=lambda c: _natural(c.name))),
+                         tuple(namespaces))
+
+    def _controller(self, name, nqn):
+        cdir = os.path.join(self.ctrl_dir, name)
+        state = _read(os.path.join(cdir, "state"))
+        if state is None:
+            return None     # deleted while we looked
+        addr = parse_address(_read(os.path.join(cdir, "address")) or "")
+
+        def attr(a):
+            return _read(os.path.join(cdir, a))
+        return Controller(
+            name=name, nqn=attr("subsysnqn") or nqn, state=state,
+            transport=attr("transport") or "", traddr=addr.get("traddr"),
+            trsvcid=addr.get("trsvcid"), hostnqn=attr("hostnqn"), hostid=attr("hostid"),
+            host_traddr=addr.get("host_traddr"), host_iface=addr.get("host_iface"),
+            src_addr=addr.get("src_addr"), cntlid=attr("cntlid"),
+            ctrl_loss_tmo=attr("ctrl_loss_tmo"), reconnect_delay=attr("reconnect_delay"),
+            fast_io_fail_tmo=attr("fast_io_fail_tmo"), kato=attr("kato"))
+
+
+def parse_address(text):
+    """``traddr=1.2.3.4,trsvcid=4420,src_addr=..`` -> dict (missing keys stay missing)."""
+    out = {}
+    for part in text.replace("\n", ",").split(","):
+        key, sep, value = part.strip().partition("=")
+        if sep and key:
+            out[key] = value.strip()
+    return out
+
+
+def _namespace(name, subsystem, ndir, paths=(), controller=None):
+    size = _read(os.path.join(ndir, "size"))
+    if size is None:
+        return None
+    nsid = _read(os.path.join(ndir, "nsid"))
+    return Namespace(
+        name=name, subsystem=subsystem, nsid=int(nsid) if nsid and nsid.isdigit() else None,
+        uuid=_norm_id(_read(os.path.join(ndir, "uuid"))),
+        nguid=_norm_id(_read(os.path.join(ndir, "nguid"))),
+        wwid=_read(os.path.join(ndir, "wwid")), size_sectors=int(size or 0),
+        paths=paths, controller=controller)
+
+
+def _norm_id(value):
+    if not value or set(value.replace("-", "")) == {"0"}:
+        return None     # the kernel prints zeros when the target reports no such id
+    return value.lower()
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _listdir(path):
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _natural(name):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]

@@ -91,10 +91,11 @@ class _Steps:
               f"({time.monotonic() - t:.2f}s)", flush=True)
 
 
-def _sh(argv, user: bool = False, check: bool = True) -> str:
+def _sh(argv, user: bool = False, check: bool = True, lines: int = 40) -> str:
     proc = subprocess.run(as_user(argv) if user else argv, text=True, capture_output=True,
                           timeout=120)
-    out = (proc.stdout + proc.stderr).strip()
+    out = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[:lines])
+    print(f"    $ {' '.join(argv)}  (rc={proc.returncode})", flush=True)
     if out:
         print("    " + out.replace("\n", "\n    "), flush=True)
     if check and proc.returncode != 0:
@@ -138,7 +139,7 @@ def smoke() -> int:
         with steps.step(f"{lab_user()} may sudo the root helper (sudo -n -l)"):
             _sh(["sudo", "-n", "-l", *helper.split()[1:], "privsep-helper"], user=True)
         with steps.step("root helper runs rootwrap (informational)", required=False):
-            _sh([*helper.split(), "privsep-helper", "--help"], user=True, check=False)
+            _sh([*helper.split(), "privsep-helper", "--help"], user=True, check=False, lines=1)
         with steps.step(f"{lab_user()} reaches the target agent (python startup in guest)"):
             _sh([py, "-c", "from nvmeof_mp.lab.target import TargetClient as C; "
                  "print(C().state())"], user=True)

@@ -1,0 +1,135 @@
+"""``python -m nvmeof_mp.lab``: prepare the lab, open a VM shell, smoke-test, run commands.
+
+Host commands:
+  prepare                       install tools (apt, as root) + fetch/build the kernel
+  shell [--nvme-multipath N]    interactive root shell in the VM (Ctrl-A x quits qemu)
+  smoke                         target + 2 TCP paths + sudo/rootwrap check, with timings
+  guest-run [--as-user] -- CMD  CMD in the VM with the target agent up
+Guest-side commands (run by the VM; ``_guest-*``) are internal.
+"""
+
+import argparse
+import sys
+import time
+
+from . import paths
+from .kernel import LabError
+
+
+def _vm_kwargs(args) -> dict:
+    opts = {}
+    if args.nvme_multipath:
+        opts["nvme_core"] = f"multipath={args.nvme_multipath}"
+    return {"timeout": args.timeout, "mem_mb": args.mem, "smp": args.smp,
+            "kernel_args": args.kernel_args, "modprobe_options": opts,
+            "echo": not args.quiet}
+
+
+def _report(result, t0: float) -> int:
+    print(f"lab: guest rc={result.returncode} boot-to-command={result.boot_seconds}s "
+          f"vm={result.seconds:.1f}s total={time.monotonic() - t0:.1f}s "
+          f"console={result.console_log_path}", file=sys.stderr)
+    if result.timed_out:
+        return 124
+    return 125 if result.returncode is None else result.returncode
+
+
+def _guest_module_argv(*args) -> list:
+    return [str(paths.venv_python()), "-m", "nvmeof_mp.lab", *args]
+
+
+def cmd_prepare(args) -> int:
+    from . import vm
+    t0 = time.monotonic()
+    vm.ensure_tools()
+    t1 = time.monotonic()
+    kernel = vm.prepare_kernel(force=args.refresh)
+    t2 = time.monotonic()
+    print(f"lab: tools {t1 - t0:.1f}s, kernel {t2 - t1:.1f}s: {kernel.package} "
+          f"({kernel.vmlinux.parent})")
+    return 0
+
+
+def cmd_shell(args) -> int:
+    from . import vm
+    vm.prepare()
+    t0 = time.monotonic()
+    return _report(vm.run_in_vm([], interactive=True, **_vm_kwargs(args)), t0)
+
+
+def cmd_smoke(args) -> int:
+    from . import vm
+    t0 = time.monotonic()
+    vm.prepare()
+    result = vm.run_in_vm(_guest_module_argv("_guest-smoke"), **_vm_kwargs(args))
+    return _report(result, t0)
+
+
+def cmd_guest_run(args) -> int:
+    from . import vm
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        print("guest-run: no command given (guest-run [--as-user] -- CMD...)", file=sys.stderr)
+        return 2
+    t0 = time.monotonic()
+    vm.prepare()
+    argv = _guest_module_argv("_guest-run", *(["--as-user"] if args.as_user else []), "--", *cmd)
+    return _report(vm.run_in_vm(argv, **_vm_kwargs(args)), t0)
+
+
+def cmd_guest_smoke(args) -> int:
+    from . import guest
+    return guest.smoke()
+
+
+def cmd_guest_run_inside(args) -> int:
+    from . import guest
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    return guest.guest_run(cmd, user=args.as_user)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nvmeof_mp.lab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def vm_command(name, func, help_):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--timeout", type=int, default=600, help="kill the VM after this (s)")
+        p.add_argument("--mem", type=int, default=1536, help="guest memory (MiB)")
+        p.add_argument("--smp", type=int, default=2)
+        p.add_argument("--nvme-multipath", choices=("Y", "N"),
+                       help="nvme_core multipath module parameter")
+        p.add_argument("--kernel-args", default="", help="extra kernel command line")
+        p.add_argument("--quiet", action="store_true", help="console only to the log file")
+        p.set_defaults(func=func)
+        return p
+
+    p = sub.add_parser("prepare", help="install tools, fetch kernel, build initramfs")
+    p.add_argument("--refresh", action="store_true", help="ask apt for a newer kernel")
+    p.set_defaults(func=cmd_prepare)
+    vm_command("shell", cmd_shell, "interactive root shell in the VM")
+    vm_command("smoke", cmd_smoke, "boot, target + 2 paths, connect/disconnect")
+    p = vm_command("guest-run", cmd_guest_run, "run CMD in the VM with the target agent")
+    p.add_argument("--as-user", action="store_true", help="run CMD as the lab user")
+    p.add_argument("cmd", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser("_guest-smoke")
+    p.set_defaults(func=cmd_guest_smoke)
+    p = sub.add_parser("_guest-run")
+    p.add_argument("--as-user", action="store_true")
+    p.add_argument("cmd", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_guest_run_inside)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LabError as exc:
+        print(f"lab: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,7 +9,7 @@ from nvmeof_mp.exception import (InvalidConnectionInfo, NVMeOFError, TargetUnrea
                                  VolumeDeviceNotFound)
 from nvmeof_mp.sim import SimNamespace
 
-from conftest import NQN, P1, P2, UUID, UUID2, conninfo
+from conftest import NQN, P1, UUID, UUID2, conninfo
 
 
 def test_native_multipath_attach_connects_each_portal_once_and_nothing_else(lab):
@@ -142,7 +142,8 @@ def test_detach_keeps_controllers_while_another_namespace_is_present(lab):
                                        if n.nsid == 2]
     for c in ("nvme0", "nvme1"):
         lab.sim.ctrls[c].namespaces.pop(1)
-    os.unlink(os.path.join(lab.root, "sys/devices/virtual/nvme-subsystem/nvme-subsys0/nvme0n1/size"))
+    os.unlink(os.path.join(lab.root, "sys/devices/virtual/nvme-subsystem/nvme-subsys0",
+                           "nvme0n1/size"))
     lab.connector.disconnect_volume(conninfo(uuid=UUID2), None)
     assert lab.sim.controllers() == []
 

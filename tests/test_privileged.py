@@ -1,0 +1,137 @@
+"""Privileged entrypoints: argument checks and nvme-cli result handling.
+
+The entrypoints' bodies are exercised in-process (no daemon) with a fake ``nvme`` program on
+PATH that answers as nvme-cli 1.x and 2.3 do; nothing here needs root.
+"""
+
+import os
+import stat
+
+import ddt
+import pytest
+import unittest
+
+from nvmeof_mp.exception import PrivilegedArgumentError
+from nvmeof_mp.privileged import host, nvme
+
+from conftest import NQN
+
+GOOD = {"nqn": NQN, "traddr": "127.0.0.1", "trsvcid": "4420", "transport": "tcp",
+        "host_nqn": "nqn.2014-08.org.nvmexpress:uuid:3a940e64-7dfc-485f-a005-76d53d71924d",
+        "host_id": "ee968767-f125-4d4b-a901-62e3eca22e81", "ctrl_loss_tmo": 600,
+        "reconnect_delay": 2, "fast_io_fail_tmo": 1}
+
+
+@pytest.fixture
+def fake_nvme(tmp_path, monkeypatch):
+    """Install a fake nvme-cli printing ``out`` and exiting with ``rc``; returns a setter."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    monkeypatch.setenv("PATH", str(bindir))
+    log = tmp_path / "argv"
+
+    def install(out, rc):
+        script = bindir / "nvme"
+        script.write_text("#!/bin/sh\necho \"$@\" > %s\nprintf '%%s\\n' '%s'\nexit %d\n"
+                          % (log, out, rc))
+        script.chmod(script.stat().st_mode | stat.S_IEXEC)
+        return log
+    return install
+
+
+@pytest.mark.parametrize("out,rc", [
+    ("already connected", 1),            # nvme-cli 2.3 (lab capture)
+    ("Failed to write to /dev/nvme-fabrics: Operation already in progress", 114),
+    ("", 70),                            # nvme-cli 1.x EALREADY mapped
+    ("already connnected", 1),           # the typo some versions print
+])
+def test_already_connected_in_every_form(fake_nvme, out, rc):
+    fake_nvme(out, rc)
+    result = nvme._connect_cli(nvme.connect_options(dict(GOOD)))
+    assert result["already"] is True
+
+
+def test_connect_failure_is_reported_not_already(fake_nvme):
+    fake_nvme("Failed to write to /dev/nvme-fabrics: Connection refused", 1)
+    result = nvme._connect_cli(nvme.connect_options(dict(GOOD)))
+    assert result["already"] is False and "Connection refused" in result["error"]
+
+
+def test_connect_success_parses_json_device(fake_nvme, monkeypatch):
+    log = fake_nvme('{"device":"nvme1"}', 0)
+    written = []
+    monkeypatch.setattr(nvme, "_write_sysfs", lambda n, a, v: written.append((n, a, v)))
+    result = nvme._connect_cli(nvme.connect_options(dict(GOOD)))
+    assert result == {"controller": "nvme1"}
+    argv = log.read_text().split()
+    assert argv[:2] == ["connect", "-t"] and "-l" in argv and "600" in argv
+    # nvme-cli 2.3 has no fast_io_fail_tmo option: set through sysfs in the same call
+    assert written == [("nvme1", "fast_io_fail_tmo", "1")]
+
+
+def test_nvme_cli_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    result = nvme._connect_cli(nvme.connect_options(dict(GOOD)))
+    assert "not installed" in result["error"]
+
+
+def test_fabrics_option_string_has_every_option_and_no_injection():
+    s = nvme.fabrics_option_string(nvme.connect_options(dict(GOOD)))
+    assert s.startswith("nqn=%s,transport=tcp,traddr=127.0.0.1,trsvcid=4420," % NQN)
+    assert "hostnqn=" in s and "fast_io_fail_tmo=1" in s and "ctrl_loss_tmo=600" in s
+    with pytest.raises(PrivilegedArgumentError):
+        nvme.connect_options(dict(GOOD, nqn=NQN + ",traddr=10.0.0.1"))
+
+
+@ddt.ddt
+class TestArgumentChecks(unittest.TestCase):
+    @ddt.data(dict(GOOD, traddr="1.2.3.4; rm -rf /"), dict(GOOD, trsvcid="0"),
+              dict(GOOD, transport="fc"), dict(GOOD, host_id="x" * 40),
+              dict(GOOD, ctrl_loss_tmo="600"), dict(GOOD, reconnect_delay=10 ** 9),
+              dict(GOOD, dhchap_secret="plain"), "not a dict")
+    def test_connect_options_refused(self, opts):
+        with self.assertRaises(PrivilegedArgumentError):
+            nvme.connect_options(opts)
+
+    @ddt.data("nvme0/../../x", "sda", "nvme", "", None, "nvme1 ")
+    def test_controller_names_refused(self, name):
+        with self.assertRaises(PrivilegedArgumentError):
+            nvme.controller_name(name)
+
+    @ddt.data("/dev/sda", "/dev/nvme0", "/dev/md/../sda", "/etc/passwd", "/dev/mapper/a b")
+    def test_device_paths_refused(self, path):
+        with self.assertRaises(PrivilegedArgumentError):
+            host.device_path(path)
+
+    @ddt.data("/dev/nvme10n10", "/dev/md127", "/dev/md/vol1", "/dev/dm-3",
+              "/dev/mapper/8d2f4f9a-1b7e-4c2a-9a55-3f1e6c2b7d01")
+    def test_device_paths_accepted(self, path):
+        self.assertEqual(path, host.device_path(path))
+
+    def test_only_timeouts_are_tunable(self):
+        with self.assertRaises(PrivilegedArgumentError):
+            nvme._write_attr("nvme0", "delete_controller", 1)
+        with self.assertRaises(PrivilegedArgumentError):
+            nvme._write_attr("nvme0", "ctrl_loss_tmo", "1; reboot")
+
+
+def test_host_identity_is_created_once_from_system_uuid_with_newline(tmp_path):
+    (tmp_path / "sys/class/dmi/id").mkdir(parents=True)
+    (tmp_path / "sys/class/dmi/id/product_uuid").write_text(
+        "3A940E64-7DFC-485F-A005-76D53D71924D\n")
+    first = host.ensure_identity_files(str(tmp_path))
+    assert first == ("nqn.2014-08.org.nvmexpress:uuid:3a940e64-7dfc-485f-a005-76d53d71924d",
+                     "3a940e64-7dfc-485f-a005-76d53d71924d")
+    assert (tmp_path / "etc/nvme/hostnqn").read_text().strip() == first[0]
+    (tmp_path / "sys/class/dmi/id/product_uuid").write_text(
+        "00000000-0000-4000-8000-000000000001\n")
+    assert host.ensure_identity_files(str(tmp_path)) == first     # stable, never regenerated
+
+
+def test_host_identity_falls_back_to_machine_id(tmp_path):
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/machine-id").write_text("0123456789abcdef0123456789abcdef\n")
+    a = host.ensure_identity_files(str(tmp_path))
+    os.unlink(tmp_path / "etc/nvme/hostnqn")
+    os.unlink(tmp_path / "etc/nvme/hostid")
+    assert host.ensure_identity_files(str(tmp_path)) == a          # derived, not random

@@ -166,23 +166,27 @@ class NVMeOFConnector:
             from nvmeof_mp import raid, devmapper
             module = raid if request.mode is Mode.RAID else devmapper
             return module.extend(self, request)
-        snap = self.sysfs.snapshot([request.target.nqn])
-        ns = find_namespace(request.target, snap)
-        if ns is None:
-            raise VolumePathsNotFound()
-        live = [c.name for c in snap.controllers(request.target.nqn) if c.live]
-        if not live:
-            raise VolumeDeviceNotFound(device=ns.device)
-        old = ns.size_bytes
-        self.kernel.rescan_controllers(live)
-        new = self.wait_size_change(request.target, old)
-        LOG.info("Extended %s: %d -> %d bytes", ns.device, old, new)
+        device, old, new = self.rescan_and_wait(request.target)
+        LOG.info("Extended %s: %d -> %d bytes", device, old, new)
         return new
 
-    def wait_size_change(self, target, old, timeout=10.0):
+    def rescan_and_wait(self, target, timeout=10.0):
+        """Rescan the target's live controllers and wait for a new size.
+
+        sysfs ``size`` is in 512-byte sectors whatever the LBA format (4 KiB too).
+        Returns (device, old size, new size) in bytes; new == old when nothing changed.
+        """
         from nvmeof_mp.waiting import poll
+        snap = self.sysfs.snapshot([target.nqn])
+        ns = find_namespace(target, snap)
+        if ns is None:
+            raise VolumePathsNotFound()
+        live = [c.name for c in snap.controllers(target.nqn) if c.live]
+        if not live:
+            raise VolumeDeviceNotFound(device=ns.device)
+        self.kernel.rescan_controllers(live)
 
         def grown():
-            ns = find_namespace(target, self.sysfs.snapshot([target.nqn]))
-            return ns.size_bytes if ns and ns.size_bytes != old else None
-        return poll(grown, timeout, self.clock) or old
+            now = find_namespace(target, self.sysfs.snapshot([target.nqn]))
+            return now.size_bytes if now and now.size_bytes != ns.size_bytes else None
+        return ns.device, ns.size_bytes, poll(grown, timeout, self.clock) or ns.size_bytes

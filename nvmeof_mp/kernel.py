@@ -52,6 +52,40 @@ class Kernel(abc.ABC):
     def read_system_uuid(self) -> str | None:
         """The system UUID (root-only readable on real hosts)."""
 
+    # md RAID1 and dm-multipath: each returns {'ok', 'out', 'error'} unless said otherwise
+
+    @abc.abstractmethod
+    def md_create(self, name, devices, raid_devices) -> dict: ...
+
+    @abc.abstractmethod
+    def md_assemble(self, name, devices) -> dict: ...
+
+    @abc.abstractmethod
+    def md_add(self, name, device) -> dict: ...
+
+    @abc.abstractmethod
+    def md_stop(self, name) -> dict: ...
+
+    @abc.abstractmethod
+    def md_grow(self, name) -> dict: ...
+
+    @abc.abstractmethod
+    def md_examine(self, device) -> dict | None:
+        """The leg's md superblock as ``mdadm --examine --export`` keys, or None."""
+
+    @abc.abstractmethod
+    def dm_load(self, name, size_sectors, devnums) -> dict: ...
+
+    @abc.abstractmethod
+    def dm_message(self, name, message, devnum=None) -> dict: ...
+
+    @abc.abstractmethod
+    def dm_status(self, name) -> dict | None:
+        """{'major:minor': 'A' | 'F'} for the map's paths, None when there is no map."""
+
+    @abc.abstractmethod
+    def dm_remove(self, name) -> dict: ...
+
 
 class PrivilegedKernel(Kernel):
     """The real kernel, through the privsep daemon."""
@@ -94,3 +128,38 @@ class PrivilegedKernel(Kernel):
         from nvmeof_mp.privileged import host
         self._count("read_system_uuid")
         return host.read_system_uuid()
+
+    def _storage(self, op, *args):
+        from nvmeof_mp.privileged import storage
+        self._count(op)
+        return getattr(storage, op)(*args)
+
+    def md_create(self, name, devices, raid_devices):
+        return self._storage("md_create", name, list(devices), raid_devices)
+
+    def md_assemble(self, name, devices):
+        return self._storage("md_assemble", name, list(devices))
+
+    def md_add(self, name, device):
+        return self._storage("md_add", name, device)
+
+    def md_stop(self, name):
+        return self._storage("md_stop", name)
+
+    def md_grow(self, name):
+        return self._storage("md_grow", name)
+
+    def md_examine(self, device):
+        return self._storage("md_examine", device)
+
+    def dm_load(self, name, size_sectors, devnums):
+        return self._storage("dm_load", name, size_sectors, list(devnums))
+
+    def dm_message(self, name, message, devnum=None):
+        return self._storage("dm_message", name, message, devnum)
+
+    def dm_status(self, name):
+        return self._storage("dm_status", name)
+
+    def dm_remove(self, name):
+        return self._storage("dm_remove", name)

@@ -1,0 +1,98 @@
+"""DeviceMapper multipath over ``dm_replicas``: one map whose paths are the replicas.
+
+The kernel refuses a namespace whose UUID/NGUID exists in another subsystem, so replicas carry
+distinct identities and neither the kernel nor multipathd's WWID grouping can know they belong
+together: the connection information says so, and this module builds the map itself, named
+after the top-level ``vol_uuid``, with ``queue_if_no_path`` and round-robin over the replicas.
+
+Monitoring: the map's DM uuid starts with ``nvmeof_mp-`` (not ``mpath-``), so multipathd does not
+adopt or rebuild it; failed paths are reinstated by ``check_paths`` / ``nvmeof-mp heal`` and by
+every attach of the volume (a returning replica is re-loaded into the map).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from nvmeof_mp import replicas
+from nvmeof_mp.exception import ReplicaError, UnsupportedHost
+from nvmeof_mp.locks import named_lock
+
+LOG = logging.getLogger(__name__)
+
+
+def map_name(request):
+    return request.vol_uuid
+
+
+def device_path(request):
+    return "/dev/mapper/" + map_name(request)
+
+
+def _usable(connector):
+    return connector.hostinfo.tool("dmsetup")
+
+
+def connect(connector, request):
+    if not _usable(connector):
+        if request.enforce_multipath:
+            raise UnsupportedHost(reason="enforce_multipath is set but dmsetup (device-mapper) "
+                                  "is not installed")
+        LOG.warning("dmsetup is missing: %s attaches without a dm-multipath map",
+                    request.describe())
+    results = replicas.attach_all(connector, request)
+    legs = [att for _, att, _ in results if att]
+    if not _usable(connector):
+        return {"type": "block", "path": legs[0].device, "degraded": True,
+                "replicas": replicas.leg_report(results)}
+    devnums = [replicas.block_attr(connector, att.device, "dev") for att in legs]
+    size = min(att.namespace.size_sectors for att in legs)
+    try:
+        with named_lock("dm-" + map_name(request), connector.lock_path):
+            replicas.require_ok(connector.kernel.dm_load(map_name(request), size, devnums),
+                                "dm-multipath map load")
+            status = connector.kernel.dm_status(map_name(request)) or {}
+            for dev in devnums:
+                if status.get(dev) == "F":
+                    connector.kernel.dm_message(map_name(request), "reinstate_path", dev)
+    except ReplicaError:
+        replicas.undo(connector, results, "dm attach of %s failed" % map_name(request))
+        raise
+    degraded = len(legs) < len(request.targets) or any(a.degraded for a in legs)
+    (LOG.warning if degraded else LOG.info)(
+        "Attached %s at %s%s", request.describe(), device_path(request),
+        " (DEGRADED)" if degraded else "")
+    return {"type": "block", "path": device_path(request), "degraded": degraded,
+            "replicas": replicas.leg_report(results)}
+
+
+def disconnect(connector, request, force=False):
+    """Flush, stop queueing so nothing hangs, remove the map, then the replicas."""
+    errors = []
+    if os.path.exists(os.path.join(connector.root, device_path(request).lstrip("/"))):
+        err = connector.kernel.flush_device(device_path(request))
+        if err:
+            errors.append(err)
+            if not force:
+                return errors
+        result = connector.kernel.dm_remove(map_name(request))
+        if not result["ok"]:
+            errors.append(result["error"])
+            if not force:
+                return errors
+    return errors + replicas.detach_all(connector, request, force)
+
+
+def volume_paths(connector, request):
+    path = device_path(request)
+    return [path] if os.path.exists(os.path.join(connector.root, path.lstrip("/"))) else []
+
+
+def extend(connector, request):
+    legs = [connector.rescan_and_wait(t) for t in request.targets]
+    size = min(new for _, _, new in legs) // 512
+    devnums = [replicas.block_attr(connector, dev, "dev") for dev, _, _ in legs]
+    replicas.require_ok(connector.kernel.dm_load(map_name(request), size, devnums),
+                        "dm-multipath map reload")
+    return size * 512

@@ -1,0 +1,180 @@
+"""Privileged md (mdadm) and dm-multipath (dmsetup) entrypoints.
+
+Arguments are structured and validated: an md alias is a safe name, devices are our own kinds
+of block devices, dm tables are built here from validated parts (never passed in as text).
+Results are ``{'ok': bool, 'out': str, 'error': str}``.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+from nvmeof_mp import privileged
+from nvmeof_mp.exception import PrivilegedArgumentError
+from nvmeof_mp.privileged.host import device_path
+
+_ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+_DM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_DEVNUM_RE = re.compile(r"^\d{1,4}:\d{1,7}$")
+DM_UUID_PREFIX = "nvmeof_mp-"       # not "mpath-": multipathd leaves the map alone
+DM_MESSAGES = ("reinstate_path", "fail_path", "fail_if_no_path", "queue_if_no_path")
+
+
+def alias(value):
+    if not isinstance(value, str) or not _ALIAS_RE.match(value):
+        raise PrivilegedArgumentError("not a safe md alias: %r" % (value,))
+    return value
+
+
+def dm_name(value):
+    if not isinstance(value, str) or not _DM_NAME_RE.match(value):
+        raise PrivilegedArgumentError("not a safe dm name: %r" % (value,))
+    return value
+
+
+def devnum(value):
+    if not isinstance(value, str) or not _DEVNUM_RE.match(value):
+        raise PrivilegedArgumentError("not a major:minor: %r" % (value,))
+    return value
+
+
+def nvme_devices(devices):
+    out = [device_path(d) for d in devices]
+    if not out or not all(d.startswith("/dev/nvme") for d in out):
+        raise PrivilegedArgumentError("md legs must be /dev/nvme* namespaces")
+    return out
+
+
+def _run(argv, timeout=120):
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        return {"ok": False, "out": "", "error": "%s is not installed" % argv[0]}
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "out": "", "error": "%s timed out" % " ".join(argv[:2])}
+    return {"ok": p.returncode == 0, "out": p.stdout,
+            "error": "" if p.returncode == 0 else (p.stderr or p.stdout).strip()}
+
+
+def mdadm_create_argv(name, devices, raid_devices):
+    legs = list(devices) + ["missing"] * (raid_devices - len(devices))
+    argv = ["mdadm", "--create", "/dev/md/" + name, "--run", "--name=" + name,
+            "--level=raid1", "--raid-devices=%d" % raid_devices, "--metadata=1.2",
+            "--bitmap=internal", "--homehost=any", "--failfast", "--assume-clean"]
+    if raid_devices == 1:
+        argv.append("--force")          # mdadm refuses a one-disk RAID1 without it
+    return argv + legs
+
+
+@privileged.default.entrypoint
+def md_create(name, devices, raid_devices):
+    name, devices = alias(name), nvme_devices(devices)
+    if not isinstance(raid_devices, int) or not len(devices) <= raid_devices <= 32:
+        raise PrivilegedArgumentError("raid_devices out of range")
+    return _run(mdadm_create_argv(name, devices, raid_devices))
+
+
+@privileged.default.entrypoint
+def md_assemble(name, devices):
+    return _run(["mdadm", "--assemble", "--run", "/dev/md/" + alias(name)]
+                + nvme_devices(devices))
+
+
+@privileged.default.entrypoint
+def md_add(name, device):
+    """Re-add a returning leg (bitmap resync), or add it when re-add is refused."""
+    md, dev = "/dev/md/" + alias(name), nvme_devices([device])[0]
+    result = _run(["mdadm", "--manage", md, "--re-add", dev])
+    if not result["ok"]:
+        result = _run(["mdadm", "--manage", md, "--add", dev])
+    return result
+
+
+@privileged.default.entrypoint
+def md_remove_failed(name):
+    return _run(["mdadm", "--manage", "/dev/md/" + alias(name), "--remove", "failed"])
+
+
+@privileged.default.entrypoint
+def md_stop(name):
+    return _run(["mdadm", "--stop", "/dev/md/" + alias(name)])
+
+
+@privileged.default.entrypoint
+def md_grow(name):
+    return _run(["mdadm", "--grow", "/dev/md/" + alias(name), "--size", "max"])
+
+
+@privileged.default.entrypoint
+def md_examine(device):
+    """``mdadm --examine --export``: does a leg carry an md superblock, and of which array."""
+    result = _run(["mdadm", "--examine", "--export", nvme_devices([device])[0]])
+    if not result["ok"]:
+        return None
+    return dict(line.split("=", 1) for line in result["out"].splitlines() if "=" in line)
+
+
+def multipath_table(size_sectors, devnums):
+    """One priority group, round-robin over every replica; queue while no path is left.
+
+    Repeat count 1: the kernel ignores larger values for request-based round-robin.
+    """
+    paths = " ".join("%s 1" % devnum(d) for d in devnums)
+    return "0 %d multipath 1 queue_if_no_path 0 1 1 round-robin 0 %d 1 %s" % (
+        size_sectors, len(devnums), paths)
+
+
+@privileged.default.entrypoint
+def dm_load(name, size_sectors, devnums):
+    """Create the multipath map, or reload it with the current set of replica devices."""
+    name = dm_name(name)
+    if not isinstance(size_sectors, int) or size_sectors <= 0 or not devnums:
+        raise PrivilegedArgumentError("bad map geometry")
+    table = multipath_table(size_sectors, devnums)
+    exists = _run(["dmsetup", "info", name])["ok"]
+    if exists:
+        result = _run(["dmsetup", "reload", name, "--table", table])
+        if result["ok"]:
+            result = _run(["dmsetup", "resume", name])
+    else:
+        result = _run(["dmsetup", "create", name, "--uuid", DM_UUID_PREFIX + name,
+                       "--table", table])
+    if result["ok"]:
+        _run(["dmsetup", "mknodes", name])          # no udev: make /dev/mapper/<name>
+    elif "multipath" in result["error"] and "target" in result["error"].lower():
+        result["error"] += " (is the dm_multipath kernel module available?)"
+    return result
+
+
+@privileged.default.entrypoint
+def dm_message(name, message, devnum_=None):
+    if message not in DM_MESSAGES:
+        raise PrivilegedArgumentError("dm message %r not allowed" % (message,))
+    argv = ["dmsetup", "message", dm_name(name), "0", message]
+    if message in ("reinstate_path", "fail_path"):
+        argv.append(devnum(devnum_))
+    return _run(argv)
+
+
+@privileged.default.entrypoint
+def dm_status(name):
+    """Path states of the map: {'259:0': 'A' | 'F'}; None when the map does not exist."""
+    result = _run(["dmsetup", "status", dm_name(name)])
+    if not result["ok"]:
+        return None
+    return parse_multipath_status(result["out"])
+
+
+def parse_multipath_status(text):
+    tokens = text.split()
+    return {tokens[i]: tokens[i + 1] for i in range(len(tokens) - 1)
+            if _DEVNUM_RE.match(tokens[i]) and tokens[i + 1] in ("A", "F")}
+
+
+@privileged.default.entrypoint
+def dm_remove(name):
+    """Stop queueing (so nothing hangs), then remove the map."""
+    name = dm_name(name)
+    _run(["dmsetup", "message", name, "0", "fail_if_no_path"])
+    return _run(["dmsetup", "remove", "--retry", name])

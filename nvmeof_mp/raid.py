@@ -1,0 +1,84 @@
+"""RAID1 over ``volume_replicas``: md joins the replicas' block devices.
+
+Create when no leg carries an md superblock (internal bitmap, failfast, ``missing`` for legs
+that could not be attached), assemble when legs already carry one, re-add legs that return.
+The array is ``/dev/md/<alias>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from nvmeof_mp import replicas
+from nvmeof_mp.exception import ReplicaError
+from nvmeof_mp.locks import named_lock
+
+LOG = logging.getLogger(__name__)
+
+
+def device_path(request):
+    return "/dev/md/" + request.alias
+
+
+def _exists(connector, request):
+    return os.path.exists(os.path.join(connector.root, device_path(request).lstrip("/")))
+
+
+def connect(connector, request):
+    results = replicas.attach_all(connector, request)
+    legs = [att.device for _, att, _ in results if att]
+    kernel = connector.kernel
+    try:
+        with named_lock("md-" + request.alias, connector.lock_path):
+            if _exists(connector, request):
+                for leg in legs:
+                    kernel.md_add(request.alias, leg)   # idempotent: active legs are refused
+            else:
+                marked = [leg for leg in legs if kernel.md_examine(leg)]
+                if marked:
+                    replicas.require_ok(kernel.md_assemble(request.alias, marked),
+                                        "mdadm --assemble")
+                    for leg in legs:
+                        if leg not in marked:
+                            kernel.md_add(request.alias, leg)
+                else:
+                    replicas.require_ok(
+                        kernel.md_create(request.alias, legs, request.replica_count),
+                        "mdadm --create")
+    except ReplicaError:
+        replicas.undo(connector, results, "RAID attach of %s failed" % request.alias)
+        raise
+    degraded = len(legs) < request.replica_count or any(
+        att is None or att.degraded for _, att, _ in results)
+    path = device_path(request)
+    (LOG.warning if degraded else LOG.info)(
+        "Attached %s at %s%s", request.describe(), path, " (DEGRADED)" if degraded else "")
+    return {"type": "block", "path": path, "degraded": degraded,
+            "replicas": replicas.leg_report(results)}
+
+
+def disconnect(connector, request, force=False):
+    errors = []
+    if _exists(connector, request):
+        err = connector.kernel.flush_device(device_path(request))
+        if err:
+            errors.append(err)
+            if not force:
+                return errors
+        result = connector.kernel.md_stop(request.alias)
+        if not result["ok"]:
+            errors.append(result["error"])
+            if not force:
+                return errors
+    return errors + replicas.detach_all(connector, request, force)
+
+
+def extend(connector, request):
+    old = int(replicas.block_attr(connector, device_path(request), "size") or 0) * 512
+    for target in request.targets:
+        connector.rescan_and_wait(target)
+    replicas.require_ok(connector.kernel.md_grow(request.alias), "mdadm --grow")
+    new = int(replicas.block_attr(connector, device_path(request), "size") or 0) * 512
+    LOG.info("Extended %s: %d -> %d bytes", device_path(request), old, new)
+    return new

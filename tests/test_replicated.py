@@ -1,0 +1,179 @@
+"""RAID1 (volume_replicas) and dm-multipath (dm_replicas) on the simulated host."""
+
+import os
+
+import pytest
+
+from nvmeof_mp.exception import InvalidConnectionInfo, ReplicaError, UnsupportedHost
+
+from conftest import NQN, UUID, UUID2
+
+UUID_TOP = "3c1b2a9e-77d4-4e0b-8f6a-0c9d2e4b5a11"
+NQA, NQB = NQN + "-a", NQN + "-b"
+
+
+def replica(nqn, uuid, ports):
+    return {"target_nqn": nqn, "vol_uuid": uuid,
+            "portals": [["127.0.0.1", p, "tcp"] for p in ports]}
+
+
+def raid_info(count=None):
+    info = {"volume_replicas": [replica(NQA, UUID, [4420]), replica(NQB, UUID2, [4421])],
+            "alias": "vol1"}
+    if count is not None:
+        info["replica_count"] = count
+    return info
+
+
+def dm_info(ports_a=(4420,), ports_b=(4421,)):
+    return {"vol_uuid": UUID_TOP, "dm_replicas": [replica(NQA, UUID, ports_a),
+                                                  replica(NQB, UUID2, ports_b)]}
+
+
+@pytest.fixture
+def two(lab):
+    lab.target(nqn=NQA, ports=(4420, 4422), namespaces=((1, UUID),))
+    lab.target(nqn=NQB, ports=(4421, 4423), namespaces=((1, UUID2),))
+    return lab
+
+
+def test_raid_creates_array_over_both_legs(two):
+    result = two.connector.connect_volume(raid_info())
+    assert result["path"] == "/dev/md/vol1" and not result["degraded"]
+    md = two.sim.md["vol1"]
+    assert sorted(md["legs"]) == ["/dev/nvme0n1", "/dev/nvme1n1"]
+    assert two.sim.calls["md_create"] == 1
+    # legs get the replica timeout policy: fast failover
+    assert two.sysfs("class/nvme/nvme0/fast_io_fail_tmo") == "1"
+    assert two.connector.get_volume_paths(raid_info()) == ["/dev/md/vol1"]
+
+
+def test_raid_with_one_leg_missing_is_degraded_but_attached(two):
+    two.sim.portal(NQB, 4421).mode = "refuse"
+    result = two.connector.connect_volume(raid_info())
+    assert result["degraded"] is True
+    assert [r["device"] is None for r in result["replicas"]] == [False, True]
+    assert list(two.sim.md["vol1"]["legs"]) == ["/dev/nvme0n1"]
+    assert two.sim.md["vol1"]["raid_devices"] == 2          # created with a "missing" slot
+
+
+def test_raid_all_replicas_failing_is_an_error_with_nothing_left(two):
+    for nqn, port in ((NQA, 4420), (NQB, 4421)):
+        two.sim.portal(nqn, port).mode = "refuse"
+    with pytest.raises(ReplicaError, match="no replica"):
+        two.connector.connect_volume(raid_info())
+    assert two.sim.controllers() == [] and two.sim.md == {}
+
+
+def test_raid_leg_fails_after_attach_and_is_readded(two):
+    two.connector.connect_volume(raid_info())
+    two.sim.md_fail("vol1", "/dev/nvme1n1")
+    two.sim.path_down(NQB, 4421)
+    two.sim.path_up(NQB, 4421)
+    two.sim.clock.sleep(2)
+    result = two.connector.connect_volume(raid_info())        # heal path: re-add
+    assert two.sim.md["vol1"]["legs"]["/dev/nvme1n1"] == "active"
+    assert not result["degraded"]
+
+
+def test_raid_reassembles_legs_with_superblocks(two):
+    two.connector.connect_volume(raid_info())
+    two.connector.disconnect_volume(raid_info(), None)
+    assert two.sim.md == {} and two.sim.controllers() == []
+    result = two.connector.connect_volume(raid_info())
+    assert result["path"] == "/dev/md/vol1"
+    assert two.sim.calls["md_create"] == 1 and two.sim.calls["md_assemble"] == 1
+
+
+def test_raid_detach_with_degraded_array(two):
+    two.connector.connect_volume(raid_info())
+    two.sim.md_fail("vol1", "/dev/nvme1n1")
+    two.sim.path_down(NQB, 4421)
+    two.connector.disconnect_volume(raid_info(), None)
+    assert two.sim.md == {} and two.sim.controllers() == []
+    assert two.sim.flushed == ["/dev/md/vol1"]
+
+
+def test_raid_replica_count_one_is_still_raid(two):
+    info = {"volume_replicas": [replica(NQA, UUID, [4420])], "replica_count": 1, "alias": "v1"}
+    result = two.connector.connect_volume(info)
+    assert result["path"] == "/dev/md/v1" and two.sim.md["v1"]["raid_devices"] == 1
+
+
+def test_raid_native_multipath_legs_connect_every_portal(two):
+    info = {"volume_replicas": [replica(NQA, UUID, [4420, 4422]),
+                                replica(NQB, UUID2, [4421, 4423])], "alias": "vol1"}
+    two.connector.connect_volume(info)
+    assert two.sim.calls["connect"] == 4 and len(two.sim.controllers()) == 4
+
+
+def test_raid_extend_grows_the_array(two):
+    two.connector.connect_volume(raid_info())
+    before = two.sim.md["vol1"]["size"]
+    two.sim.resize(NQA, 1, 262144)
+    two.sim.resize(NQB, 1, 262144)
+    size = two.connector.extend_volume(raid_info())
+    assert size == (262144 - 2048) * 512 and size > before * 512
+
+
+def test_dm_builds_one_map_over_the_replicas(two):
+    result = two.connector.connect_volume(dm_info())
+    assert result["path"] == "/dev/mapper/" + UUID_TOP and not result["degraded"]
+    table = two.sim.dm[UUID_TOP]
+    assert len(table["paths"]) == 2 and table["size"] == 131072
+    assert two.connector.get_volume_paths(dm_info()) == ["/dev/mapper/" + UUID_TOP]
+
+
+def test_dm_over_native_multipathed_replicas(two):
+    result = two.connector.connect_volume(dm_info((4420, 4422), (4421, 4423)))
+    assert two.sim.calls["connect"] == 4
+    assert len(two.sim.dm[UUID_TOP]["paths"]) == 2
+    assert [len(r["device"]) > 0 for r in result["replicas"]] == [True, True]
+
+
+def test_dm_replica_fails_and_comes_back(two):
+    two.sim.portal(NQB, 4421).mode = "refuse"
+    first = two.connector.connect_volume(dm_info())
+    assert first["degraded"] and len(two.sim.dm[UUID_TOP]["paths"]) == 1
+    two.sim.portal(NQB, 4421).mode = "up"
+    second = two.connector.connect_volume(dm_info())
+    assert not second["degraded"] and len(two.sim.dm[UUID_TOP]["paths"]) == 2
+    # a path dm failed is reinstated when the volume is attached (healed) again
+    dev = next(iter(two.sim.dm[UUID_TOP]["paths"]))
+    two.sim.dm[UUID_TOP]["paths"][dev] = "F"
+    two.connector.connect_volume(dm_info())
+    assert two.sim.dm[UUID_TOP]["paths"][dev] == "A"
+
+
+def test_dm_detach_removes_map_then_controllers(two):
+    two.connector.connect_volume(dm_info())
+    two.connector.disconnect_volume(dm_info(), None)
+    assert two.sim.dm == {} and two.sim.controllers() == []
+    assert not os.path.exists(os.path.join(two.root, "dev/mapper", UUID_TOP))
+
+
+def test_dm_without_dmsetup(two, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(UnsupportedHost, match="dmsetup"):
+        two.connector.connect_volume(dict(dm_info(), enforce_multipath=True))
+    assert sum(two.sim.calls.values()) == 0
+    result = two.connector.connect_volume(dm_info())
+    assert two.sysfs("class/block", result["path"][5:], "uuid") == UUID   # first replica
+    assert result["degraded"]
+
+
+def test_both_replica_keys_fail_before_any_privileged_call(two):
+    info = dict(raid_info(), dm_replicas=dm_info()["dm_replicas"], vol_uuid=UUID_TOP)
+    with pytest.raises(InvalidConnectionInfo, match="dm_replicas"):
+        two.connector.connect_volume(info)
+    assert sum(two.sim.calls.values()) == 0
+
+
+def test_duplicate_ids_across_subsystems_are_ignored_by_the_kernel(two):
+    two.target(nqn=NQN + "-c", ports=(4424,), namespaces=((1, UUID),))
+    two.connector.connect_volume({"target_nqn": NQA, "vol_uuid": UUID,
+                                  "portals": [["127.0.0.1", 4420, "tcp"]]})
+    with pytest.raises(Exception):
+        two.connector.connect_volume({"target_nqn": NQN + "-c", "vol_uuid": UUID,
+                                      "portals": [["127.0.0.1", 4424, "tcp"]]})
+    assert any("duplicate IDs" in line for line in two.sim.log)

@@ -11,7 +11,7 @@ from nvmeof_mp import connection
 from nvmeof_mp.connection import Mode, Portal
 from nvmeof_mp.exception import InvalidConnectionInfo
 
-from conftest import NQN, UUID, UUID2, P1, P2, conninfo
+from simlab import NQN, UUID, UUID2, P1, P2, conninfo
 
 REPLICA_A = {"vol_uuid": UUID, "target_nqn": NQN + "-a", "portals": [P1]}
 REPLICA_B = {"vol_uuid": UUID2, "target_nqn": NQN + "-b", "portals": [P2]}

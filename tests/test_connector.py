@@ -9,7 +9,7 @@ from nvmeof_mp.exception import (InvalidConnectionInfo, NVMeOFError, TargetUnrea
                                  VolumeDeviceNotFound)
 from nvmeof_mp.sim import SimNamespace
 
-from conftest import NQN, P1, UUID, UUID2, conninfo
+from simlab import NQN, P1, UUID, UUID2, conninfo
 
 
 def test_native_multipath_attach_connects_each_portal_once_and_nothing_else(lab):

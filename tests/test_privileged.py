@@ -14,7 +14,7 @@ import unittest
 from nvmeof_mp.exception import PrivilegedArgumentError
 from nvmeof_mp.privileged import host, nvme
 
-from conftest import NQN
+from simlab import NQN
 
 GOOD = {"nqn": NQN, "traddr": "127.0.0.1", "trsvcid": "4420", "transport": "tcp",
         "host_nqn": "nqn.2014-08.org.nvmexpress:uuid:3a940e64-7dfc-485f-a005-76d53d71924d",

@@ -4,9 +4,10 @@ import os
 
 import pytest
 
-from nvmeof_mp.exception import InvalidConnectionInfo, ReplicaError, UnsupportedHost
+from nvmeof_mp.exception import (InvalidConnectionInfo, ReplicaError, UnsupportedHost,
+                                 VolumeDeviceNotFound)
 
-from conftest import NQN, UUID, UUID2
+from simlab import NQN, UUID, UUID2
 
 UUID_TOP = "3c1b2a9e-77d4-4e0b-8f6a-0c9d2e4b5a11"
 NQA, NQB = NQN + "-a", NQN + "-b"
@@ -173,7 +174,7 @@ def test_duplicate_ids_across_subsystems_are_ignored_by_the_kernel(two):
     two.target(nqn=NQN + "-c", ports=(4424,), namespaces=((1, UUID),))
     two.connector.connect_volume({"target_nqn": NQA, "vol_uuid": UUID,
                                   "portals": [["127.0.0.1", 4420, "tcp"]]})
-    with pytest.raises(Exception):
+    with pytest.raises(VolumeDeviceNotFound):
         two.connector.connect_volume({"target_nqn": NQN + "-c", "vol_uuid": UUID,
                                       "portals": [["127.0.0.1", 4424, "tcp"]]})
     assert any("duplicate IDs" in line for line in two.sim.log)

@@ -1,0 +1,239 @@
+"""The connector against the real kernel, in every mode (runs in the lab VM)."""
+
+import concurrent.futures
+import os
+import time
+
+import pytest
+
+from lab_io import Writer, native_multipath, verify, wait_for
+
+NQN = "nqn.2014-08.org.nvmeof-mp:gate"
+U1 = "8d2f4f9a-1b7e-4c2a-9a55-3f1e6c2b7d01"
+U2 = "0b7b1c2d-3e4f-4a5b-8c6d-7e8f90a1b2c3"
+UTOP = "3c1b2a9e-77d4-4e0b-8f6a-0c9d2e4b5a11"
+STALL_LIMIT = 2.0
+
+pytestmark = pytest.mark.usefixtures("no_leftovers")
+
+
+def portal(port):
+    return ["127.0.0.1", str(port), "tcp"]
+
+
+def one_subsystem(target, nqn=NQN, ports=((1, 4420), (2, 4421)), namespaces=((1, U1),),
+                  size_mb=64, backing=None):
+    target.add_subsystem(nqn)
+    for nsid, uuid in namespaces:
+        target.add_namespace(nqn, nsid, size_mb, uuid, ana_group=1, backing=backing)
+    for pid, svc in ports:
+        if str(pid) not in target.state()["ports"]:
+            target.add_port(pid, svc)
+        target.link(pid, nqn)
+
+
+def info(uuid=U1, nqn=NQN, ports=(4420, 4421)):
+    return {"vol_uuid": uuid, "target_nqn": nqn, "portals": [portal(p) for p in ports]}
+
+
+def controllers():
+    out = {}
+    for name in os.listdir("/sys/class/nvme"):
+        with open("/sys/class/nvme/%s/state" % name) as f:
+            out[name] = f.read().strip()
+    return out
+
+
+def stall_under_failure(device, fail, restore, down_for=4.0):
+    """Write patterns while ``fail()`` .. ``restore()`` happen; verify; return the writer."""
+    w = Writer(device)
+    w.start()
+    time.sleep(1.0)
+    fail()
+    time.sleep(down_for)
+    restore()
+    time.sleep(2.0)
+    w.stop()
+    assert not w.errors, w.errors[:5]
+    assert w.ops > 0
+    assert verify(device, w.expected) == []
+    print("max I/O stall %.2fs over %d writes" % (w.max_stall, w.ops))
+    return w
+
+
+def test_properties(connector):
+    from nvmeof_mp.connector import NVMeOFConnector
+    props = NVMeOFConnector.get_connector_properties(os.environ["NVMEOF_MP_ROOT_HELPER"])
+    assert props["nvme_native_multipath"] is native_multipath()
+    assert props["nqn"].startswith("nqn.2014-08.org.nvmexpress:uuid:")
+    assert props["nvme_hostid"]
+
+
+def test_single_path(connector, target):
+    one_subsystem(target, ports=((1, 4420),))
+    result = connector.connect_volume(info(ports=(4420,)))
+    assert result["path"].startswith("/dev/nvme") and os.path.exists(result["path"])
+    w = Writer(result["path"])
+    w.start()
+    time.sleep(0.5)
+    w.stop()
+    assert verify(result["path"], w.expected) == []
+    connector.disconnect_volume(info(ports=(4420,)), result)
+    assert controllers() == {}
+
+
+@pytest.mark.native
+def test_native_multipath_two_portals(connector, target):
+    one_subsystem(target)
+    target.set_ana_state(1, 1, "optimized")
+    target.set_ana_state(2, 1, "non-optimized")
+    result = connector.connect_volume(info())
+    assert {p["state"] for p in result["paths"]} == {"live"}
+    assert sorted(p["ana_state"] for p in result["paths"]) == ["non-optimized", "optimized"]
+    assert connector.get_volume_paths(info()) == [result["path"]]
+    connector.disconnect_volume(info(), result)
+
+
+def test_single_path_request_with_first_portal_down(connector, target):
+    from nvmeof_mp.connector import NVMeOFConnector
+    one_subsystem(target, ports=((2, 4421),))
+    target.add_port(1, 4420)            # listening port without the subsystem: refused
+    single = NVMeOFConnector(root_helper=os.environ["NVMEOF_MP_ROOT_HELPER"],
+                             use_multipath=False)
+    result = single.connect_volume(info())
+    assert list(controllers().values()) == ["live"]
+    single.disconnect_volume(info(), result)
+
+
+@pytest.mark.native
+def test_native_path_failure_during_io(connector, target):
+    one_subsystem(target)
+    result = connector.connect_volume(info())
+    w = stall_under_failure(result["path"], lambda: target.unlink(1, NQN),
+                            lambda: target.link(1, NQN))
+    assert w.max_stall < STALL_LIMIT
+    assert wait_for(lambda: set(controllers().values()) == {"live"}, 20)
+    connector.disconnect_volume(info(), result)
+
+
+@pytest.mark.native
+def test_degraded_attach_then_heal(connector, target):
+    one_subsystem(target, ports=((1, 4420),))
+    target.add_port(2, 4421)
+    result = connector.connect_volume(info())
+    assert result["degraded"] and result["failed_portals"] == ["tcp://127.0.0.1:4421"]
+    target.link(2, NQN)
+    healed = connector.connect_volume(info())          # attach again = heal missing portals
+    assert not healed["degraded"] and len(controllers()) == 2
+    connector.disconnect_volume(info(), healed)
+
+
+@pytest.mark.native
+def test_detach_leaves_other_volume_on_subsystem(connector, target):
+    one_subsystem(target, namespaces=((1, U1), (2, U2)))
+    a = connector.connect_volume(info(U1))
+    b = connector.connect_volume(info(U2))
+    assert a["path"] != b["path"]
+    connector.disconnect_volume(info(U1), a)
+    assert len(controllers()) == 2 and os.path.exists(b["path"])
+    w = Writer(b["path"])
+    w.start()
+    time.sleep(0.3)
+    w.stop()
+    assert verify(b["path"], w.expected) == []
+    connector.disconnect_volume(info(U2), b)
+
+
+@pytest.mark.native
+def test_extend(connector, target):
+    one_subsystem(target)
+    result = connector.connect_volume(info())
+    target.resize_namespace(NQN, 1, 96)
+    assert connector.extend_volume(info()) == 96 * 1024 * 1024
+    connector.disconnect_volume(info(), result)
+
+
+def replicas(target, shared_backing=False):
+    a, b = NQN + "-a", NQN + "-b"
+    backing = None
+    for n, (nqn, uuid, pid, svc) in enumerate(((a, U1, 1, 4420), (b, U2, 2, 4421))):
+        target.add_subsystem(nqn)
+        path = target.add_namespace(nqn, 1, 64, uuid, backing=backing)
+        if shared_backing and n == 0:
+            backing = path
+        target.add_port(pid, svc)
+        target.link(pid, nqn)
+    return [{"target_nqn": a, "vol_uuid": U1, "portals": [portal(4420)]},
+            {"target_nqn": b, "vol_uuid": U2, "portals": [portal(4421)]}]
+
+
+def md_degraded(path):
+    md = os.path.basename(os.path.realpath(path))
+    with open("/sys/block/%s/md/degraded" % md) as f:
+        return int(f.read())
+
+
+def test_raid1_with_leg_failure_during_io(connector, target):
+    reps = replicas(target)
+    raid = {"volume_replicas": reps, "alias": "gatevol"}
+    result = connector.connect_volume(raid)
+    assert result["path"] == "/dev/md/gatevol" and not result["degraded"]
+    w = stall_under_failure(result["path"], lambda: target.unlink(2, NQN + "-b"),
+                            lambda: target.link(2, NQN + "-b"))
+    assert w.max_stall < STALL_LIMIT
+    assert wait_for(lambda: set(controllers().values()) == {"live"}, 20)
+    connector.connect_volume(raid)                       # heal: re-add the returning leg
+    assert wait_for(lambda: md_degraded(result["path"]) == 0, 30)
+    connector.disconnect_volume(raid, result)
+    assert not os.path.exists("/dev/md/gatevol")
+
+
+def dm_case(connector, target):
+    reps = replicas(target, shared_backing=True)
+    dm = {"vol_uuid": UTOP, "dm_replicas": reps}
+    result = connector.connect_volume(dm)
+    assert result["path"] == "/dev/mapper/" + UTOP and not result["degraded"]
+    w = stall_under_failure(result["path"], lambda: target.unlink(1, NQN + "-a"),
+                            lambda: target.link(1, NQN + "-a"))
+    assert w.max_stall < STALL_LIMIT
+    assert wait_for(lambda: set(controllers().values()) == {"live"}, 20)
+    connector.connect_volume(dm)                         # heal: reinstate the failed path
+    status = connector.kernel.dm_status(UTOP)
+    assert set(status.values()) == {"A"}, status
+    connector.disconnect_volume(dm, result)
+    assert not os.path.exists(result["path"])
+
+
+@pytest.mark.no_native
+def test_dm_multipath_over_replicas(connector, target):
+    dm_case(connector, target)
+
+
+@pytest.mark.native
+def test_dm_multipath_over_native_multipath_replicas(connector, target):
+    dm_case(connector, target)
+
+
+def test_concurrent_attach_detach_of_8_volumes(connector, target):
+    n = 8
+    target.add_port(1, 4420)
+    target.add_port(2, 4421)
+    infos = []
+    for i in range(n):
+        nqn = "%s-c%d" % (NQN, i)
+        uuid = "00000000-0000-4000-8000-%012d" % (i + 1)
+        target.add_subsystem(nqn)
+        target.add_namespace(nqn, 1, 16, uuid)
+        target.link(1, nqn)
+        target.link(2, nqn)
+        infos.append(info(uuid, nqn))
+    t = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(connector.connect_volume, infos))
+    attach = time.monotonic() - t
+    assert len({r["path"] for r in results}) == n
+    t = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        list(pool.map(lambda i: connector.disconnect_volume(i, None), infos))
+    print("8 volumes: attach %.2fs, detach %.2fs" % (attach, time.monotonic() - t))
+    assert controllers() == {}

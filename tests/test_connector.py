@@ -329,3 +329,16 @@ def test_replica_leg_timeouts_are_applied(lab):
     assert lab.sysfs("class/nvme/nvme0/ctrl_loss_tmo") == "600"
     assert lab.sysfs("class/nvme/nvme0/reconnect_delay") == "2"
     assert lab.sysfs("class/nvme/nvme0/fast_io_fail_tmo") == "off"
+
+
+def test_subsystem_recreated_under_same_name_with_another_nqn(lab):
+    """The NQN cache of the topology reader must not confuse re-created subsystems."""
+    lab.target()
+    lab.target(nqn=NQN + "-other", namespaces=((1, UUID2),))
+    lab.connector.connect_volume(conninfo())
+    lab.connector.disconnect_volume(conninfo(), None)
+    other = conninfo(uuid=UUID2, nqn=NQN + "-other")
+    result = lab.connector.connect_volume(other)            # gets nvme-subsys0 again
+    assert os.listdir(os.path.join(lab.root, "sys/class/nvme-subsystem")) == ["nvme-subsys0"]
+    assert lab.connector.get_volume_paths(other) == [result["path"]]
+    assert lab.connector.get_volume_paths(conninfo()) == []

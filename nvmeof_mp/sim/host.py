@@ -126,6 +126,7 @@ class SimHost(Kernel):
         self.superblocks = {}         # (nqn, nsid) -> md alias: lives on the target's data
         self.dm = {}                  # name -> {"size": sectors, "paths": {devnum: "A"|"F"}}
         self.minors = itertools.count()
+        self.shown = {}               # uuid/nguid -> {nqn: number of controllers showing it}
         self.flush_error = None
         self.log = []                 # kernel messages, like dmesg
         self.lock = threading.RLock()
@@ -343,16 +344,19 @@ class SimHost(Kernel):
                     continue
                 self._add_namespace(ctrl, ns)
 
+    def _ids(self, ns):
+        return [i for i in (ns.uuid, ns.nguid) if i]
+
     def _duplicate_ids(self, nqn, ns):
-        for other in self.targets.values():
-            if other.nqn == nqn or other.nqn not in self.subsystems:
-                continue
-            if not any(c.nqn == other.nqn for c in self.ctrls.values()):
-                continue
-            for o in other.namespaces:
-                if (ns.uuid and o.uuid == ns.uuid) or (ns.nguid and o.nguid == ns.nguid):
-                    return True
-        return False
+        """Is this uuid/nguid already shown by a namespace of another connected subsystem?"""
+        return any(self.shown.get(i, {}).keys() - {nqn} for i in self._ids(ns))
+
+    def _show(self, nqn, ns, delta):
+        for i in self._ids(ns):
+            per = self.shown.setdefault(i, {})
+            per[nqn] = per.get(nqn, 0) + delta
+            if per[nqn] <= 0:
+                del per[nqn]
 
     def _head(self, ctrl, ns):
         key = (ctrl.nqn, ns.nsid)
@@ -370,6 +374,7 @@ class SimHost(Kernel):
                 "nsid": str(ns.nsid), "size": str(ns.size_sectors), "hidden": str(hidden)}
 
     def _add_namespace(self, ctrl, ns):
+        self._show(ctrl.nqn, ns, 1)
         inst, head_name = self._head(ctrl, ns)
         if self.native:
             sdir = self._subsys_dir(ctrl.subsys)
@@ -426,7 +431,10 @@ class SimHost(Kernel):
         ctrl = self.ctrls.pop(name, None)
         if ctrl is None:
             return
+        by_nsid = {n.nsid: n for n in self.targets[ctrl.nqn].namespaces}
         for nsid, dev in ctrl.namespaces.items():
+            if nsid in by_nsid:
+                self._show(ctrl.nqn, by_nsid[nsid], -1)
             d = self._path_dir(ctrl, nsid) if self.native else self._device_dir(ctrl, nsid)
             if d:
                 _unlink(os.path.join(self.sys, "class/block", os.path.basename(d)))
@@ -443,7 +451,11 @@ class SimHost(Kernel):
                     _unlink(os.path.join(self.root, "dev", head))
                     del self.heads[(nqn, nsid)]
             shutil.rmtree(self._subsys_dir(sname), ignore_errors=True)
-            _unlink(os.path.join(self.sys, "class/nvme-subsystem", sname))
+            # kernfs allocates inode numbers cyclically, a disk filesystem reuses them at
+            # once: park the old link so a re-created subsystem gets a new inode, as in sysfs
+            os.makedirs(os.path.join(self.root, "graveyard"), exist_ok=True)
+            os.rename(os.path.join(self.sys, "class/nvme-subsystem", sname),
+                      os.path.join(self.root, "graveyard", "%s-%d" % (sname, next(self.minors))))
             del self.subsystems[ctrl.nqn]
 
     # -- md and dm-multipath, as mdadm and dmsetup behave --------------------------------------

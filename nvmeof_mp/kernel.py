@@ -94,6 +94,11 @@ class PrivilegedKernel(Kernel):
         super().__init__()
         self.connect_method = connect_method
 
+    def _count(self, name):
+        from nvmeof_mp import privileged
+        privileged.ensure_started()
+        super()._count(name)
+
     def connect(self, opts):
         from nvmeof_mp.privileged import nvme
         self._count("connect")

@@ -20,9 +20,27 @@ default = priv_context.PrivContext(
 )
 
 
+_fork_when_root = False
+
+
 def init(root_helper=None):
-    """Set the root helper used to start the daemon (the first privileged call starts it)."""
+    """Set the root helper used to start the daemon (the first privileged call starts it).
+
+    Without a root helper a process that is already root forks the daemon itself instead
+    of looking for ``privsep-helper`` through sudo's secure PATH.
+    """
+    global _fork_when_root
+    import os
     import shlex
     if root_helper:
         helper = shlex.split(root_helper) if isinstance(root_helper, str) else list(root_helper)
         priv_context.init(root_helper=helper)
+        _fork_when_root = False
+    else:
+        _fork_when_root = os.getuid() == 0
+
+
+def ensure_started():
+    """Start the daemon by forking when we are root and no root helper was given."""
+    if _fork_when_root and default.channel is None:
+        default.start(priv_context.Method.FORK)

@@ -16,7 +16,7 @@ from nvmeof_mp.connection import Portal, Target
 from nvmeof_mp.exception import (AlreadyConnected, NVMeOFError, PortalConnectError,
                                  TargetUnreachable, VolumeDeviceNotFound)
 from nvmeof_mp.locks import subsystem_lock
-from nvmeof_mp.topology import Namespace, Snapshot
+from nvmeof_mp.topology import Namespace, Snapshot, udev_done
 from nvmeof_mp.waiting import poll
 
 LOG = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ class TargetAttachment:
 class Attacher:
     """Executes connect/disconnect plans for single targets."""
 
-    def __init__(self, kernel, sysfs, clock, policy, host_identity, lock_path=None):
+    def __init__(self, kernel, sysfs, clock, policy, host_identity, lock_path=None, root="/"):
+        self.root = root
         self.kernel = kernel
         self.sysfs = sysfs
         self.clock = clock
@@ -155,6 +156,8 @@ class Attacher:
             ns = planner.find_namespace(target, snap)
             seen["snap"], seen["ns"] = snap, ns
             if ns is None or not planner.usable_path(ns, snap, target.nqn):
+                return None
+            if not udev_done(self.root, ns.name):
                 return None
             if (multipath and ns.paths
                     and planner.best_ana_state(ns, snap, target.nqn) != "optimized"

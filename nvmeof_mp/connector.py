@@ -50,7 +50,7 @@ class NVMeOFConnector:
         self._identity = None
         self._identity_lock = threading.Lock()
         self.attacher = Attacher(kernel, self.sysfs, self.clock, self.policy,
-                                 self.host_identity, lock_path)
+                                 self.host_identity, lock_path, root)
 
     # -- properties ----------------------------------------------------------------------------
 
@@ -74,6 +74,14 @@ class NVMeOFConnector:
             if self._identity is None or not self._identity[0]:
                 self._identity = self.hostinfo.identity()
             return self._identity
+
+    def wait_udev(self, path, timeout=10.0):
+        """Wait until udev has processed the device behind ``path`` (md, dm: see udev_done)."""
+        from nvmeof_mp.topology import udev_done
+        from nvmeof_mp.waiting import poll
+        name = os.path.basename(os.path.realpath(os.path.join(self.root, path.lstrip("/"))))
+        if not poll(lambda: udev_done(self.root, name), timeout, self.clock):
+            LOG.warning("udev has not processed %s after %ss", path, timeout)
 
     def get_search_path(self):
         return DEV_SEARCH_PATH

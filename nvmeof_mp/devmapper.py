@@ -59,6 +59,7 @@ def connect(connector, request):
     except ReplicaError:
         replicas.undo(connector, results, "dm attach of %s failed" % map_name(request))
         raise
+    connector.wait_udev(device_path(request))
     degraded = len(legs) < len(request.targets) or any(a.degraded for a in legs)
     (LOG.warning if degraded else LOG.info)(
         "Attached %s at %s%s", request.describe(), device_path(request),

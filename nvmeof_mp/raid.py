@@ -49,6 +49,7 @@ def connect(connector, request):
     except ReplicaError:
         replicas.undo(connector, results, "RAID attach of %s failed" % request.alias)
         raise
+    connector.wait_udev(device_path(request))
     degraded = len(legs) < request.replica_count or any(
         att is None or att.degraded for _, att, _ in results)
     path = device_path(request)

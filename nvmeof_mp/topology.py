@@ -244,6 +244,19 @@ class SysfsReader:
             fast_io_fail_tmo=attr("fast_io_fail_tmo"), kato=attr("kato"))
 
 
+def udev_done(root, devname):
+    """Has udev processed the block device (permissions, /dev/disk links) yet?
+
+    A device node exists before udev gives it its group and links; a non-root consumer that
+    opens it too early gets EACCES.  udev records a processed device in
+    /run/udev/data/b<major>:<minor>.  Without a running udev there is nothing to wait for.
+    """
+    if not os.path.exists(os.path.join(root, "run/udev/control")):
+        return True
+    dev = _read(os.path.join(root, "sys/class/block", devname, "dev"))
+    return dev is None or os.path.exists(os.path.join(root, "run/udev/data", "b" + dev))
+
+
 def parse_address(text):
     """``traddr=1.2.3.4,trsvcid=4420,src_addr=..`` -> dict (missing keys stay missing)."""
     out = {}

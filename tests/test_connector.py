@@ -342,3 +342,13 @@ def test_subsystem_recreated_under_same_name_with_another_nqn(lab):
     assert os.listdir(os.path.join(lab.root, "sys/class/nvme-subsystem")) == ["nvme-subsys0"]
     assert lab.connector.get_volume_paths(other) == [result["path"]]
     assert lab.connector.get_volume_paths(conninfo()) == []
+
+
+def test_attach_returns_after_udev_processed_the_device(make_lab):
+    lab = make_lab(udev_delay=0.7)
+    lab.target()
+    start = lab.sim.clock.now
+    result = lab.connector.connect_volume(conninfo())
+    dev = lab.sysfs("class/block", result["path"][5:], "dev")
+    assert os.path.exists(os.path.join(lab.root, "run/udev/data", "b" + dev))
+    assert lab.sim.clock.now - start >= 0.7

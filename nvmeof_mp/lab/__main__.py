@@ -5,6 +5,8 @@ Host commands:
   shell [--nvme-multipath N]    interactive root shell in the VM (Ctrl-A x quits qemu)
   smoke                         target + 2 TCP paths + sudo/rootwrap check, with timings
   guest-run [--as-user] -- CMD  CMD in the VM with the target agent up
+  demo                          the main job on the real kernel, with progress
+  gate                          tests/gate in the VM, nvme_core multipath Y then N
 Guest-side commands (run by the VM; ``_guest-*``) are internal.
 """
 
@@ -54,7 +56,9 @@ def cmd_shell(args) -> int:
     from . import vm
     vm.prepare()
     t0 = time.monotonic()
-    return _report(vm.run_in_vm([], interactive=True, **_vm_kwargs(args)), t0)
+    result = vm.run_in_vm([], interactive=True, **_vm_kwargs(args))
+    _report(result, t0)
+    return 124 if result.timed_out else 0
 
 
 def cmd_smoke(args) -> int:
@@ -75,6 +79,36 @@ def cmd_guest_run(args) -> int:
     vm.prepare()
     argv = _guest_module_argv("_guest-run", *(["--as-user"] if args.as_user else []), "--", *cmd)
     return _report(vm.run_in_vm(argv, **_vm_kwargs(args)), t0)
+
+
+def _as_user_in_vm(args, cmd, **overrides) -> "vm.VMResult":
+    from . import vm
+    vm.prepare()
+    kwargs = dict(_vm_kwargs(args), **overrides)
+    kwargs["env"] = dict(kwargs.get("env") or {}, PYTHONDONTWRITEBYTECODE="1")
+    return vm.run_in_vm(_guest_module_argv("_guest-run", "--as-user", "--", *cmd), **kwargs)
+
+
+def cmd_demo(args) -> int:
+    t0 = time.monotonic()
+    result = _as_user_in_vm(args, [str(paths.venv_python()), "-m", "nvmeof_mp.lab.demo"])
+    return _report(result, t0)
+
+
+def cmd_gate(args) -> int:
+    """The gate suite in one VM per nvme_core multipath setting; fails if either fails."""
+    t0 = time.monotonic()
+    rcs = {}
+    settings = [args.nvme_multipath] if args.nvme_multipath else ["Y", "N"]
+    for mp in settings:
+        print(f"lab: gate with nvme_core multipath={mp}", file=sys.stderr, flush=True)
+        cmd = [str(paths.venv_python()), "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+               "-m", "gate", str(paths.project_dir() / "tests" / "gate"), *args.pytest_args]
+        result = _as_user_in_vm(args, cmd, modprobe_options={"nvme_core": f"multipath={mp}"})
+        rcs[mp] = _report(result, t0)
+    print("lab: gate results " + ", ".join(f"multipath={k}: rc={v}" for k, v in rcs.items()),
+          file=sys.stderr)
+    return 0 if all(v == 0 for v in rcs.values()) else 1
 
 
 def cmd_guest_smoke(args) -> int:
@@ -113,6 +147,10 @@ def main(argv=None) -> int:
     p = vm_command("guest-run", cmd_guest_run, "run CMD in the VM with the target agent")
     p.add_argument("--as-user", action="store_true", help="run CMD as the lab user")
     p.add_argument("cmd", nargs=argparse.REMAINDER)
+
+    vm_command("demo", cmd_demo, "the main job on the real kernel")
+    p = vm_command("gate", cmd_gate, "gate tests in the VM (multipath Y and N)")
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER)
 
     p = sub.add_parser("_guest-smoke")
     p.set_defaults(func=cmd_guest_smoke)

@@ -23,9 +23,18 @@ install -m 0644 "$OUT/etc/modprobe.conf" /etc/modprobe.d/nvmeof-lab.conf
 for m in "${LAB_MODULES[@]}"; do modprobe "$m" || say "modprobe $m failed"; done
 say "modules loaded; nvme_core.multipath=$(cat /sys/module/nvme_core/parameters/multipath 2>&1)"
 
+# udev, as on a real host: block devices get group "disk" (0660) and /dev/disk/by-id links;
+# without it devtmpfs leaves /dev/nvme* root-only.
+if [ -x /lib/systemd/systemd-udevd ]; then
+  /lib/systemd/systemd-udevd --daemon >/dev/null 2>&1
+  udevadm trigger --action=add >/dev/null 2>&1
+  timeout 30 udevadm settle
+  say "udevd running"
+fi
+
 # The non-root user the connector runs as; it must be able to read the checkout and venv,
 # even when they live under a 0700 home such as /root (chmod only touches the tmpfs overlay).
-id -u "$LAB_USER" >/dev/null 2>&1 || useradd -m -U -s /bin/bash "$LAB_USER" \
+id -u "$LAB_USER" >/dev/null 2>&1 || useradd -m -U -G disk -s /bin/bash "$LAB_USER" \
   || say "useradd $LAB_USER failed"
 # vm.py listed (host side, fast) what lacks o+r / o+x; chmod on the overlay copies it up.
 xargs -0r chmod o+rX < "$OUT/chmod.list"

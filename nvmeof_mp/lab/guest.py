@@ -112,15 +112,17 @@ def _wait_for(pattern: str, seconds: float) -> list:
     return found
 
 
+def _attr(ctrl: str, name: str) -> str | None:
+    with contextlib.suppress(OSError):
+        with open(os.path.join(ctrl, name)) as f:
+            return f.read().strip().replace("\n", " ")
+    return None
+
+
 def _controllers() -> str:
-    lines = []
-    for ctrl in sorted(glob.glob("/sys/class/nvme/nvme*")):
-        def attr(name):
-            with contextlib.suppress(OSError):
-                return open(os.path.join(ctrl, name)).read().strip().replace("\n", " ")
-        lines.append(f"{os.path.basename(ctrl)} state={attr('state')} "
-                     f"address={attr('address')} subsys={attr('subsysnqn')}")
-    return "\n".join(lines)
+    return "\n".join(
+        f"{os.path.basename(c)} state={_attr(c, 'state')} address={_attr(c, 'address')} "
+        f"subsys={_attr(c, 'subsysnqn')}" for c in sorted(glob.glob("/sys/class/nvme/nvme*")))
 
 
 def smoke() -> int:

@@ -7,10 +7,12 @@ checkout and its venv are used in place, at the same paths.  A second, writable 
 """
 
 import compileall
+import ctypes
 import dataclasses
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -213,6 +215,15 @@ def qemu_argv(kernel: Kernel, out_dir: Path, *, mem_mb: int, smp: int, kernel_ar
     ]
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: the kernel SIGKILLs qemu if we die, even by SIGKILL (Linux prctl)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _raise_exit(signum, _frame):
+    raise SystemExit(128 + signum)
+
+
 def _pump(stream, log_path: Path, echo: bool, t0: float) -> None:
     """Copy the serial console to the log (host-time stamped) and optionally stdout."""
     with open(log_path, "w", encoding="utf-8", errors="replace") as log:
@@ -250,14 +261,20 @@ def run_in_vm(guest_argv, *, env=None, timeout=600, mem_mb=1536, smp=2, kernel_a
     log_path = out_dir / "console.log"
     t0 = time.monotonic()
     timed_out = False
+    # SIGTERM/SIGHUP would end Python without running ``finally``: make them exceptions.
+    old_handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            old_handlers[sig] = signal.signal(sig, _raise_exit)
     if interactive:
         cmd[cmd.index("-serial") + 1] = "chardev:con"
         cmd += ["-chardev", f"stdio,id=con,signal=off,logfile={_fsdev_path(log_path)}"]
-        proc = subprocess.Popen(cmd)
+        proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
         pump = None
     else:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_die_with_parent)
         pump = threading.Thread(target=_pump, args=(proc.stdout, log_path, echo, t0),
                                 daemon=True)
         pump.start()
@@ -271,6 +288,8 @@ def run_in_vm(guest_argv, *, env=None, timeout=600, mem_mb=1536, smp=2, kernel_a
             proc.wait()
         if pump is not None:
             pump.join(timeout=5)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
     seconds = time.monotonic() - t0
     if timed_out:
         msg = f"lab: VM killed after {timeout}s timeout (console: {log_path})"

@@ -110,13 +110,16 @@ class SimHost(Kernel):
     """The fake kernel plus the target side, writing a sysfs tree below ``root``."""
 
     def __init__(self, root, native_multipath=True, clock=None, ns_delay=0.05,
-                 with_identity=True, connect_cost=0.0):
+                 with_identity=True, connect_cost=0.0, udev_delay=None):
         super().__init__()
         self.root = root
         self.clock = clock or FakeClock()
         self.ns_delay = ns_delay
         self.connect_cost = connect_cost
         self.native = native_multipath
+        self.udev_delay = udev_delay  # None: no udev running; else seconds to process an event
+        if udev_delay is not None:
+            _write(os.path.join(root, "run/udev/control"), "")
         self.targets = {}
         self.ctrls = {}
         self.subsystems = {}          # nqn -> (subsys name, instance)
@@ -406,6 +409,9 @@ class SimHost(Kernel):
         os.symlink(link, os.path.join(self.sys, "class/block", name))
         if dev_node:
             _write(os.path.join(self.root, "dev", name), "")
+            if self.udev_delay is not None:
+                data = os.path.join(self.root, "run/udev/data", "b" + attrs["dev"])
+                self.clock.at(self.udev_delay, lambda: _write(data, "E:ID_NSID=1"))
 
     def _resize_devices(self, ctrl, ns):
         for d in (self._path_dir(ctrl, ns.nsid), self._device_dir(ctrl, ns.nsid)):

@@ -12,7 +12,7 @@ import pytest
 IN_LAB = bool(os.environ.get("NVMEOF_MP_TARGET_SOCK"))
 
 
-from lab_io import native_multipath
+from nvmeof_mp.lab.workload import native_multipath
 
 
 def pytest_collection_modifyitems(config, items):

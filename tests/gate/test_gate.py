@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from lab_io import Writer, native_multipath, verify, wait_for
+from nvmeof_mp.lab.workload import Writer, native_multipath, verify, wait_for
 
 NQN = "nqn.2014-08.org.nvmeof-mp:gate"
 U1 = "8d2f4f9a-1b7e-4c2a-9a55-3f1e6c2b7d01"

@@ -1,4 +1,8 @@
-"""Direct I/O with known patterns, timing every request (for path-failure tests)."""
+"""Direct I/O with known patterns, timing every request (gate tests and the demo).
+
+Every block written is remembered with its pattern, so after a path failure every checksum can
+be verified; every request is timed, so the longest I/O stall is known.
+"""
 
 import hashlib
 import mmap
@@ -31,7 +35,11 @@ class Writer(threading.Thread):
 
     def run(self):
         buf = mmap.mmap(-1, BLOCK)
-        fd = os.open(self.device, os.O_RDWR | os.O_DIRECT)
+        try:
+            fd = os.open(self.device, os.O_RDWR | os.O_DIRECT)
+        except OSError as e:
+            self.errors.append("open %s: %s" % (self.device, e))
+            return
         try:
             seq = 0
             while not self._halt.is_set():

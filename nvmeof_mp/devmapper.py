@@ -13,7 +13,6 @@ every attach of the volume (a returning replica is re-loaded into the map).
 from __future__ import annotations
 
 import logging
-import os
 
 from nvmeof_mp import replicas
 from nvmeof_mp.exception import ReplicaError, UnsupportedHost
@@ -70,24 +69,13 @@ def connect(connector, request):
 
 def disconnect(connector, request, force=False):
     """Flush, stop queueing so nothing hangs, remove the map, then the replicas."""
-    errors = []
-    if os.path.exists(os.path.join(connector.root, device_path(request).lstrip("/"))):
-        err = connector.kernel.flush_device(device_path(request))
-        if err:
-            errors.append(err)
-            if not force:
-                return errors
-        result = connector.kernel.dm_remove(map_name(request))
-        if not result["ok"]:
-            errors.append(result["error"])
-            if not force:
-                return errors
-    return errors + replicas.detach_all(connector, request, force)
+    return replicas.teardown(connector, request, device_path(request),
+                             lambda: connector.kernel.dm_remove(map_name(request)), force)
 
 
 def volume_paths(connector, request):
     path = device_path(request)
-    return [path] if os.path.exists(os.path.join(connector.root, path.lstrip("/"))) else []
+    return [path] if replicas.exists(connector, path) else []
 
 
 def extend(connector, request):

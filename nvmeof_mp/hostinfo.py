@@ -12,6 +12,8 @@ import platform
 import shutil
 import socket
 
+from nvmeof_mp.topology import listdir, read_attr
+
 
 class HostInfo:
     def __init__(self, root="/", sys_root=None, kernel=None):
@@ -60,7 +62,7 @@ class HostInfo:
             return None     # overlay, tmpfs, 9p: no filesystem UUID
         by_uuid = self._path("dev/disk/by-uuid")
         real = os.path.realpath(source)
-        for name in _listdir(by_uuid):
+        for name in listdir(by_uuid):
             if os.path.realpath(os.path.join(by_uuid, name)) == real:
                 return name
         return None
@@ -126,15 +128,4 @@ def _my_ip():
 
 
 def _read(path):
-    try:
-        with open(path) as f:
-            return f.read().strip() or None
-    except OSError:
-        return None
-
-
-def _listdir(path):
-    try:
-        return os.listdir(path)
-    except OSError:
-        return []
+    return read_attr(path) or None

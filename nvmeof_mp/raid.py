@@ -8,7 +8,6 @@ The array is ``/dev/md/<alias>``.
 from __future__ import annotations
 
 import logging
-import os
 
 from nvmeof_mp import replicas
 from nvmeof_mp.exception import ReplicaError
@@ -21,17 +20,13 @@ def device_path(request):
     return "/dev/md/" + request.alias
 
 
-def _exists(connector, request):
-    return os.path.exists(os.path.join(connector.root, device_path(request).lstrip("/")))
-
-
 def connect(connector, request):
     results = replicas.attach_all(connector, request)
     legs = [att.device for _, att, _ in results if att]
     kernel = connector.kernel
     try:
         with named_lock("md-" + request.alias, connector.lock_path):
-            if _exists(connector, request):
+            if replicas.exists(connector, device_path(request)):
                 for leg in legs:
                     kernel.md_add(request.alias, leg)   # idempotent: active legs are refused
             else:
@@ -60,19 +55,9 @@ def connect(connector, request):
 
 
 def disconnect(connector, request, force=False):
-    errors = []
-    if _exists(connector, request):
-        err = connector.kernel.flush_device(device_path(request))
-        if err:
-            errors.append(err)
-            if not force:
-                return errors
-        result = connector.kernel.md_stop(request.alias)
-        if not result["ok"]:
-            errors.append(result["error"])
-            if not force:
-                return errors
-    return errors + replicas.detach_all(connector, request, force)
+    """Flush and stop the array (a degraded one too), then disconnect every leg."""
+    return replicas.teardown(connector, request, device_path(request),
+                             lambda: connector.kernel.md_stop(request.alias), force)
 
 
 def extend(connector, request):

@@ -41,8 +41,28 @@ def undo(connector, results, why):
             connector.attacher._remove_controllers(att.created, why)
 
 
-def detach_all(connector, request, force):
+def exists(connector, path):
+    return os.path.exists(os.path.join(connector.root, path.lstrip("/")))
+
+
+def teardown(connector, request, path, remove, force):
+    """Flush the joined device, ``remove()`` it (md stop / dm remove), then detach the replicas.
+
+    A failed step stops the detach unless ``force``: the replicas must not go away under a
+    device that still holds unwritten data.  Returns the list of error texts.
+    """
     errors = []
+    if exists(connector, path):
+        err = connector.kernel.flush_device(path)
+        if err:
+            errors.append(err)
+            if not force:
+                return errors
+        result = remove()
+        if not result["ok"]:
+            errors.append(result["error"])
+            if not force:
+                return errors
     for target in request.targets:
         errors += connector.attacher.detach(target, flush=False, force=force)
     return errors

@@ -163,7 +163,7 @@ class SysfsReader:
             key = (entry.name, entry.inode())
             nqn = self._nqn_cache.get(key)
             if nqn is None:
-                nqn = _read(os.path.join(entry.path, "subsysnqn"))
+                nqn = read_attr(os.path.join(entry.path, "subsysnqn"))
                 if nqn is None:
                     continue
             cache[key] = nqn
@@ -186,12 +186,12 @@ class SysfsReader:
         return Snapshot(tuple(sorted(subsystems, key=lambda s: _natural(s.name))))
 
     def native_multipath(self):
-        value = _read(os.path.join(self.sys_root, "module", "nvme_core", "parameters",
+        value = read_attr(os.path.join(self.sys_root, "module", "nvme_core", "parameters",
                                    "multipath"))
         return value == "Y"
 
     def _subsystem(self, name, sdir, nqn):
-        entries = _listdir(sdir)
+        entries = listdir(sdir)
         controllers, paths_by_head, plain = [], {}, []
         for entry in entries:
             if not _CTRL_RE.match(entry):
@@ -201,14 +201,14 @@ class SysfsReader:
                 continue
             controllers.append(ctrl)
             cdir = os.path.join(self.ctrl_dir, entry)
-            for sub in _listdir(cdir):
+            for sub in listdir(cdir):
                 m = _PATH_RE.match(sub)
                 if m:
                     head = "nvme%sn%s" % (m.group(1), m.group(3))
                     pdir = os.path.join(cdir, sub)
                     paths_by_head.setdefault(head, []).append(Path(
-                        sub, entry, _read(os.path.join(pdir, "ana_state")),
-                        _read(os.path.join(pdir, "ana_grpid"))))
+                        sub, entry, read_attr(os.path.join(pdir, "ana_state")),
+                        read_attr(os.path.join(pdir, "ana_grpid"))))
                 elif _HEAD_RE.match(sub):
                     ns = _namespace(sub, name, os.path.join(cdir, sub), controller=entry)
                     if ns is not None:
@@ -221,19 +221,19 @@ class SysfsReader:
                 if ns is not None:
                     heads.append(ns)
         namespaces = sorted(heads + plain, key=lambda n: _natural(n.name))
-        return Subsystem(name, nqn, _read(os.path.join(sdir, "iopolicy")),
+        return Subsystem(name, nqn, read_attr(os.path.join(sdir, "iopolicy")),
                          tuple(sorted(controllers, key=lambda c: _natural(c.name))),
                          tuple(namespaces))
 
     def _controller(self, name, nqn):
         cdir = os.path.join(self.ctrl_dir, name)
-        state = _read(os.path.join(cdir, "state"))
+        state = read_attr(os.path.join(cdir, "state"))
         if state is None:
             return None     # deleted while we looked
-        addr = parse_address(_read(os.path.join(cdir, "address")) or "")
+        addr = parse_address(read_attr(os.path.join(cdir, "address")) or "")
 
         def attr(a):
-            return _read(os.path.join(cdir, a))
+            return read_attr(os.path.join(cdir, a))
         return Controller(
             name=name, nqn=attr("subsysnqn") or nqn, state=state,
             transport=attr("transport") or "", traddr=addr.get("traddr"),
@@ -253,7 +253,7 @@ def udev_done(root, devname):
     """
     if not os.path.exists(os.path.join(root, "run/udev/control")):
         return True
-    dev = _read(os.path.join(root, "sys/class/block", devname, "dev"))
+    dev = read_attr(os.path.join(root, "sys/class/block", devname, "dev"))
     return dev is None or os.path.exists(os.path.join(root, "run/udev/data", "b" + dev))
 
 
@@ -268,15 +268,15 @@ def parse_address(text):
 
 
 def _namespace(name, subsystem, ndir, paths=(), controller=None):
-    size = _read(os.path.join(ndir, "size"))
+    size = read_attr(os.path.join(ndir, "size"))
     if size is None:
         return None
-    nsid = _read(os.path.join(ndir, "nsid"))
+    nsid = read_attr(os.path.join(ndir, "nsid"))
     return Namespace(
         name=name, subsystem=subsystem, nsid=int(nsid) if nsid and nsid.isdigit() else None,
-        uuid=_norm_id(_read(os.path.join(ndir, "uuid"))),
-        nguid=_norm_id(_read(os.path.join(ndir, "nguid"))),
-        wwid=_read(os.path.join(ndir, "wwid")), size_sectors=int(size or 0),
+        uuid=_norm_id(read_attr(os.path.join(ndir, "uuid"))),
+        nguid=_norm_id(read_attr(os.path.join(ndir, "nguid"))),
+        wwid=read_attr(os.path.join(ndir, "wwid")), size_sectors=int(size or 0),
         paths=paths, controller=controller)
 
 
@@ -286,7 +286,8 @@ def _norm_id(value):
     return value.lower()
 
 
-def _read(path):
+def read_attr(path):
+    """A stripped sysfs/proc/etc file, or None when it cannot be read."""
     try:
         with open(path) as f:
             return f.read().strip()
@@ -294,7 +295,7 @@ def _read(path):
         return None
 
 
-def _listdir(path):
+def listdir(path):
     try:
         return os.listdir(path)
     except OSError:

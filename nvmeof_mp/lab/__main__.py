@@ -81,7 +81,7 @@ def cmd_guest_run(args) -> int:
     return _report(vm.run_in_vm(argv, **_vm_kwargs(args)), t0)
 
 
-def _as_user_in_vm(args, cmd, **overrides) -> "vm.VMResult":
+def _as_user_in_vm(args, cmd, **overrides):
     from . import vm
     vm.prepare()
     kwargs = dict(_vm_kwargs(args), **overrides)

@@ -9,10 +9,9 @@ import os
 
 import pytest
 
-IN_LAB = bool(os.environ.get("NVMEOF_MP_TARGET_SOCK"))
-
-
 from nvmeof_mp.lab.workload import native_multipath
+
+IN_LAB = bool(os.environ.get("NVMEOF_MP_TARGET_SOCK"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -135,3 +135,31 @@ def test_host_identity_falls_back_to_machine_id(tmp_path):
     os.unlink(tmp_path / "etc/nvme/hostnqn")
     os.unlink(tmp_path / "etc/nvme/hostid")
     assert host.ensure_identity_files(str(tmp_path)) == a          # derived, not random
+
+
+def test_multipath_table_is_built_from_validated_parts():
+    from nvmeof_mp.privileged import storage
+    table = storage.multipath_table(131072, ["259:0", "259:1"])
+    assert table == ("0 131072 multipath 3 queue_if_no_path queue_mode bio 0 1 1 "
+                     "round-robin 0 2 1 259:0 1 259:1 1")
+    with pytest.raises(PrivilegedArgumentError):
+        storage.multipath_table(8, ["259:0 1 0 linear /dev/sda"])
+
+
+def test_multipath_status_parsing():
+    from nvmeof_mp.privileged import storage
+    # dmsetup status of a 2-path map with one path failed (lab capture form)
+    text = "0 131072 multipath 2 0 0 0 1 1 A 0 2 1 259:0 F 1 259:1 A 0"
+    assert storage.parse_multipath_status(text) == {"259:0": "F", "259:1": "A"}
+
+
+def test_mdadm_create_fills_missing_legs_and_forces_one_disk():
+    from nvmeof_mp.privileged import storage
+    argv = storage.mdadm_create_argv("vol1", ["/dev/nvme0n1"], 2)
+    assert argv[-2:] == ["/dev/nvme0n1", "missing"]
+    assert "--bitmap=internal" in argv and "--failfast" in argv
+    assert "--force" in storage.mdadm_create_argv("vol1", ["/dev/nvme0n1"], 1)
+    with pytest.raises(PrivilegedArgumentError):
+        storage.alias("../../etc")
+    with pytest.raises(PrivilegedArgumentError):
+        storage.nvme_devices(["/dev/sda"])

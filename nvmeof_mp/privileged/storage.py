@@ -118,11 +118,14 @@ def md_examine(device):
 def multipath_table(size_sectors, devnums):
     """One priority group, round-robin over every replica; queue while no path is left.
 
-    Repeat count 1: the kernel ignores larger values for request-based round-robin.
+    ``queue_mode bio``: a native NVMe multipath head is a bio-based device, and the kernel
+    rejects it under a request-based map ("including non-request-stackable devices"); bio
+    mode stacks on both kinds (multipathd uses it for NVMe too).  Repeat count 1: larger
+    values are deprecated.
     """
     paths = " ".join("%s 1" % devnum(d) for d in devnums)
-    return "0 %d multipath 1 queue_if_no_path 0 1 1 round-robin 0 %d 1 %s" % (
-        size_sectors, len(devnums), paths)
+    return ("0 %d multipath 3 queue_if_no_path queue_mode bio 0 1 1 round-robin 0 %d 1 %s"
+            % (size_sectors, len(devnums), paths))
 
 
 @privileged.default.entrypoint
@@ -140,6 +143,8 @@ def dm_load(name, size_sectors, devnums):
     else:
         result = _run(["dmsetup", "create", name, "--uuid", DM_UUID_PREFIX + name,
                        "--table", table])
+        if not result["ok"] and _run(["dmsetup", "info", name])["ok"]:
+            _run(["dmsetup", "remove", name])       # leave no empty map behind
     if result["ok"]:
         _run(["dmsetup", "mknodes", name])          # no udev: make /dev/mapper/<name>
     elif "multipath" in result["error"] and "target" in result["error"].lower():

@@ -136,6 +136,9 @@ def test_detach_leaves_other_volume_on_subsystem(connector, target):
     assert a["path"] != b["path"]
     connector.disconnect_volume(info(U1), a)
     assert len(controllers()) == 2 and os.path.exists(b["path"])
+    # Cinder unmaps the detached volume; the kernel drops its namespace (AEN)
+    target.remove_namespace(NQN, 1)
+    assert wait_for(lambda: not os.path.exists(a["path"]), 20)
     w = Writer(b["path"])
     w.start()
     time.sleep(0.3)

@@ -55,7 +55,7 @@ def cmd_disconnect(args):
 def cmd_paths(args):
     from nvmeof_mp import connection, status
     from nvmeof_mp.topology import SysfsReader
-    reader = SysfsReader()
+    reader = SysfsReader(os.path.join(args.root, "sys"))
     if args.target.startswith("/dev/") or not os.path.isfile(args.target):
         report = status.device_status(reader.snapshot(), args.target)
         if report is None:
@@ -84,6 +84,7 @@ def build_parser():
                    help="connect one portal only (use_multipath=False)")
     p.add_argument("--connect-method", choices=("nvme-cli", "fabrics"), default="nvme-cli")
     p.add_argument("--debug", action="store_true")
+    p.add_argument("--root", default="/", help=argparse.SUPPRESS)   # read a captured tree
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("properties").set_defaults(func=cmd_properties)
     c = sub.add_parser("connect")

@@ -106,6 +106,9 @@ def cmd_gate(args) -> int:
                "-m", "gate", str(paths.project_dir() / "tests" / "gate"), *args.pytest_args]
         result = _as_user_in_vm(args, cmd, modprobe_options={"nvme_core": f"multipath={mp}"})
         rcs[mp] = _report(result, t0)
+        metrics = result.out_dir / "gate-metrics.txt"
+        if metrics.exists():
+            print(metrics.read_text(), end="", file=sys.stderr)
     print("lab: gate results " + ", ".join(f"multipath={k}: rc={v}" for k, v in rcs.items()),
           file=sys.stderr)
     return 0 if all(v == 0 for v in rcs.values()) else 1

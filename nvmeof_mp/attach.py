@@ -74,12 +74,14 @@ class Attacher:
                       plan.rescan)
             if plan.rescan:
                 self.kernel.rescan_controllers(plan.rescan)
+            self._apply_policy(snap, plan, replica_leg)
             created, failures = self._connect(plan, host_nqn, host_id, replica_leg)
             if not plan.reuse and not created and not any(
                     isinstance(f, AlreadyConnected) for f in failures):
                 raise TargetUnreachable(target.nqn, failures)
             try:
-                snap, ns = self._wait_device(target, all_portals and len(target.portals) > 1)
+                snap, ns = self._wait_device(target, all_portals and len(target.portals) > 1,
+                                             created)
             except NVMeOFError:
                 self._remove_controllers(created, "attach of %s failed" % target.describe())
                 raise
@@ -91,6 +93,17 @@ class Attacher:
             LOG.warning("%s attached DEGRADED at %s: %s", target.describe(), attachment.device,
                         attachment.summary())
         return attachment
+
+    def _apply_policy(self, snap, plan, replica_leg):
+        """Bring reused controllers to the timeout policy (only where they differ)."""
+        reused = {name for _, name in plan.reuse}
+        ctrls = [c for c in snap.controllers(plan.target.nqn) if c.name in reused]
+        wanted = self.policy.controller_options(replica_leg)
+        for name, attrs in planner.attr_updates(ctrls, wanted).items():
+            LOG.info("Applying timeout policy to %s: %s", name, attrs)
+            errors = {a: e for a, e in self.kernel.set_controller_attrs(name, attrs).items() if e}
+            if errors:
+                LOG.warning("Could not set %s on %s: %s", ", ".join(errors), name, errors)
 
     def _identity(self, target):
         host_nqn, host_id = self.host_identity()
@@ -142,11 +155,13 @@ class Attacher:
         return PortalConnectError(portal, result.get("error") or "unknown error",
                                   result.get("errno"))
 
-    def _wait_device(self, target: Target, multipath: bool) -> tuple[Snapshot, Namespace]:
+    def _wait_device(self, target: Target, multipath: bool, created=()) -> tuple[Snapshot,
+                                                                                 Namespace]:
         """Poll sysfs until the namespace is visible with a usable path.
 
-        With several portals an optimized path is awaited for ``policy.ana_wait`` seconds;
-        after that a non-optimized one is accepted.
+        With several portals, for up to ``policy.ana_wait`` seconds: an optimized path is
+        awaited (after that a non-optimized one is accepted), and so are the paths of the
+        controllers this call created, so the result reports them.
         """
         start = self.clock.monotonic()
         seen = {}
@@ -159,10 +174,12 @@ class Attacher:
                 return None
             if not udev_done(self.root, ns.name):
                 return None
-            if (multipath and ns.paths
-                    and planner.best_ana_state(ns, snap, target.nqn) != "optimized"
-                    and self.clock.monotonic() - start < self.policy.ana_wait):
-                return None
+            if multipath and self.clock.monotonic() - start < self.policy.ana_wait:
+                live = {c.name for c in snap.controllers(target.nqn) if c.live}
+                if any(c in live and c not in ns.controllers() for c in created):
+                    return None
+                if ns.paths and planner.best_ana_state(ns, snap, target.nqn) != "optimized":
+                    return None
             return snap, ns
 
         found = poll(ready, self.policy.device_timeout, self.clock)

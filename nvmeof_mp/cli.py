@@ -4,6 +4,7 @@
     nvmeof-mp connect CONNINFO.json      attach; prints the device
     nvmeof-mp disconnect CONNINFO.json   detach
     nvmeof-mp paths DEVICE|CONNINFO.json per-path state and a verdict
+    nvmeof-mp heal CONNINFO.json         reconnect what an attached volume lost
     nvmeof-mp lab ...                    the real-kernel lab (see doc/source/lab.rst)
 
 Imports are lazy: ``properties`` from a cold process must stay cheap.
@@ -73,6 +74,18 @@ def cmd_paths(args):
     return 0 if all(r["verdict"] == status.HEALTHY for r in reports) else 1
 
 
+def cmd_heal(args):
+    result = _connector(args).check_paths(_load(args.conninfo))
+    if args.json:
+        _emit(args, result)
+    else:
+        from nvmeof_mp import status
+        if not result["attached"]:
+            print("not attached: nothing to heal")
+        print("\n".join(status.format_text(r) for r in result["after"]))
+    return 0 if all(r["verdict"] == "healthy" for r in result["after"]) else 1
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="nvmeof-mp", description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -82,7 +95,8 @@ def build_parser():
                    "(default: $NVMEOF_MP_ROOT_HELPER; none when already root)")
     p.add_argument("--no-multipath", action="store_true",
                    help="connect one portal only (use_multipath=False)")
-    p.add_argument("--connect-method", choices=("nvme-cli", "fabrics"), default="nvme-cli")
+    p.add_argument("--connect-method", choices=("nvme-cli", "fabrics"), default=None,
+                   help="default: [nvmeof_mp] connect_method (nvme-cli)")
     p.add_argument("--debug", action="store_true")
     p.add_argument("--root", default="/", help=argparse.SUPPRESS)   # read a captured tree
     sub = p.add_subparsers(dest="command", required=True)
@@ -98,6 +112,9 @@ def build_parser():
     s = sub.add_parser("paths")
     s.add_argument("target", help="/dev/nvmeXnY or a connection-info JSON file")
     s.set_defaults(func=cmd_paths)
+    h = sub.add_parser("heal", help="reconnect missing paths/replicas of an attached volume")
+    h.add_argument("conninfo")
+    h.set_defaults(func=cmd_heal)
     lab = sub.add_parser("lab", help="real-kernel lab in a VM (prepare, demo, gate, shell)")
     lab.add_argument("lab_args", nargs=argparse.REMAINDER)
     lab.set_defaults(func=cmd_lab)

@@ -17,7 +17,6 @@ from nvmeof_mp.exception import NVMeOFError, VolumeDeviceNotFound, VolumePathsNo
 from nvmeof_mp.hostinfo import HostInfo, connector_properties
 from nvmeof_mp.kernel import PrivilegedKernel
 from nvmeof_mp.plan import find_namespace
-from nvmeof_mp.policy import TimeoutPolicy
 from nvmeof_mp.topology import SysfsReader
 from nvmeof_mp.waiting import Clock
 
@@ -30,12 +29,17 @@ class NVMeOFConnector:
 
     def __init__(self, root_helper=None, driver=None, use_multipath=False,
                  device_scan_attempts=5, execute=None, *args, kernel=None, root="/",
-                 clock=None, policy=None, lock_path=None, connect_method="nvme-cli",
+                 clock=None, policy=None, lock_path=None, connect_method=None, conf=None,
                  **kwargs):
         self._root_helper = root_helper
         self.driver = driver
         self.use_multipath = use_multipath
         self.device_scan_attempts = device_scan_attempts
+        if policy is None or (kernel is None and connect_method is None):
+            from nvmeof_mp import config
+            conf = config.register(conf)
+            policy = policy or config.policy_from_conf(conf)
+            connect_method = connect_method or conf[config.GROUP].connect_method
         if kernel is None:
             from nvmeof_mp import privileged
             privileged.init(root_helper)
@@ -45,7 +49,7 @@ class NVMeOFConnector:
         self.sysfs = SysfsReader(os.path.join(root, "sys"))
         self.hostinfo = HostInfo(root, kernel=kernel)
         self.clock = clock or Clock()
-        self.policy = policy or TimeoutPolicy()
+        self.policy = policy
         self.lock_path = lock_path
         self._identity = None
         self._identity_lock = threading.Lock()
@@ -116,6 +120,31 @@ class NVMeOFConnector:
                         request.target.nqn)
             return False
         return True
+
+    # -- health ------------------------------------------------------------------------------
+
+    def get_path_status(self, connection_properties):
+        """Per-target report: device, every path (state, ANA state, timeouts) and a verdict."""
+        from nvmeof_mp import status
+        request = connection.parse(connection_properties)
+        snap = self.sysfs.snapshot([t.nqn for t in request.targets])
+        return [status.target_status(snap, t) for t in request.targets]
+
+    def check_paths(self, connection_properties):
+        """Heal an attached volume: reconnect missing or deleted portals and replicas, re-add
+        md legs, reinstate dm paths.  Idempotent; a volume that is not attached is left alone,
+        so this is safe to run from a timer.  Returns {'healed', 'before', 'after'}.
+        """
+        request = connection.parse(connection_properties)
+        before = self.get_path_status(connection_properties)
+        if not self.get_volume_paths(connection_properties):
+            return {"attached": False, "healed": False, "before": before, "after": before}
+        self.connect_volume(connection_properties)
+        after = self.get_path_status(connection_properties)
+        changed = [b["verdict"] for b in before] != [a["verdict"] for a in after]
+        LOG.info("check_paths %s: %s -> %s", request.describe(),
+                 ",".join(b["verdict"] for b in before), ",".join(a["verdict"] for a in after))
+        return {"attached": True, "healed": changed, "before": before, "after": after}
 
     # -- disconnect ----------------------------------------------------------------------------
 

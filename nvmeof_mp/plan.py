@@ -152,3 +152,27 @@ def plan_disconnect(target: Target, snapshot: Snapshot, host_nqn) -> tuple[Names
     ctrls = tuple(c.name for c in snapshot.controllers(target.nqn)
                   if host_nqn is None or c.hostnqn is None or c.hostnqn == host_nqn)
     return ns, ctrls
+
+
+TUNABLE = ("ctrl_loss_tmo", "reconnect_delay", "fast_io_fail_tmo")
+
+
+def attr_updates(controllers, wanted: dict):
+    """Timeout attributes of existing controllers that differ from the policy.
+
+    -> {controller name: {attr: value}}.  An attribute the kernel does not show (older
+    kernels) is left alone; ``-1`` is shown as ``off``.
+    """
+    out = {}
+    for ctrl in controllers:
+        diff = {}
+        for attr in TUNABLE:
+            if attr not in wanted:
+                continue
+            current = getattr(ctrl, attr)
+            want = "off" if wanted[attr] == -1 else str(wanted[attr])
+            if current is not None and current != want:
+                diff[attr] = wanted[attr]
+        if diff:
+            out[ctrl.name] = diff
+    return out

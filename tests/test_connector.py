@@ -352,3 +352,59 @@ def test_attach_returns_after_udev_processed_the_device(make_lab):
     dev = lab.sysfs("class/block", result["path"][5:], "dev")
     assert os.path.exists(os.path.join(lab.root, "run/udev/data", "b" + dev))
     assert lab.sim.clock.now - start >= 0.7
+
+
+def test_same_subsystem_attaches_serialize_and_share_controllers(lab):
+    lab.target(namespaces=((1, UUID), (2, UUID2)))
+    results = {}
+
+    def attach(uuid):
+        results[uuid] = lab.new_connector().connect_volume(conninfo(uuid=uuid))
+    threads = [threading.Thread(target=attach, args=(u,)) for u in (UUID, UUID2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert lab.sim.calls["connect"] == 2          # the second attach reused both controllers
+    assert results[UUID]["path"] != results[UUID2]["path"]
+
+
+def test_check_valid_device(lab, tmp_path):
+    ok = tmp_path / "dev-ok"
+    ok.write_bytes(b"\0" * 512)
+    assert lab.connector.check_valid_device(str(ok)) is True
+    assert lab.connector.check_valid_device(str(tmp_path / "missing")) is False
+
+
+def test_reused_controllers_get_the_timeout_policy(lab):
+    lab.target()
+    lab.connector.connect_volume(conninfo())
+    calls = lab.sim.calls["set_controller_attrs"]
+    lab.connector.connect_volume(conninfo())           # already at the policy: no call
+    assert lab.sim.calls["set_controller_attrs"] == calls
+    with open(os.path.join(lab.root, "sys/class/nvme/nvme1/ctrl_loss_tmo"), "w") as f:
+        f.write("-1\n")                                 # e.g. connected by hand before
+    lab.connector.connect_volume(conninfo())
+    assert lab.sysfs("class/nvme/nvme1/ctrl_loss_tmo") == "600"
+    assert lab.sim.calls["set_controller_attrs"] == calls + 1
+
+
+def test_check_paths_reconnects_a_controller_the_kernel_deleted(lab):
+    lab.target()
+    lab.connector.connect_volume(conninfo())
+    lab.sim.path_down(NQN, 4420)
+    lab.sim.expire("nvme0")                             # ctrl_loss_tmo ran out
+    lab.sim.portal(NQN, 4420).mode = "up"
+    report = lab.connector.check_paths(conninfo())
+    assert report["attached"] and report["healed"]
+    assert report["before"][0]["verdict"] == "degraded"
+    assert report["after"][0]["verdict"] == "healthy"
+    assert len(lab.sim.controllers(NQN)) == 2
+
+
+def test_check_paths_leaves_an_unattached_volume_alone(lab):
+    lab.target()
+    report = lab.connector.check_paths(conninfo())
+    assert report == {"attached": False, "healed": False, "before": report["before"],
+                      "after": report["before"]}
+    assert sum(lab.sim.calls.values()) == 0

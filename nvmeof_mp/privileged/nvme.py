@@ -76,10 +76,11 @@ def connect_portal(opts, method="nvme-cli"):
     opts = connect_options(opts)
     if method not in CONNECT_METHODS:
         raise PrivilegedArgumentError("unknown connect method %r" % (method,))
-    if method == "fabrics" and os.path.exists(FABRICS_DEV):
+    secret = opts.get("dhchap_secret") or opts.get("dhchap_ctrl_secret")
+    if (method == "fabrics" or secret) and os.path.exists(FABRICS_DEV):
+        # secrets always go this way: nvme-cli would show them in the process list
         return _connect_fabrics(opts)
-    if opts.get("dhchap_secret") or opts.get("dhchap_ctrl_secret"):
-        # nvme-cli would put the secret on a command line visible in the process list
+    if secret:
         return {"error": "DH-HMAC-CHAP needs %s (nvme-cli would expose the secret)"
                 % FABRICS_DEV, "errno": errnolib.ENOENT, "already": False}
     return _connect_cli(opts)

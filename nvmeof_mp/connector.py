@@ -28,7 +28,7 @@ class NVMeOFConnector:
     """Attach NVMe-oF volumes: single path, native multipath, md RAID1, dm-multipath."""
 
     def __init__(self, root_helper=None, driver=None, use_multipath=False,
-                 device_scan_attempts=5, execute=None, *args, kernel=None, root="/",
+                 device_scan_attempts=5, *args, kernel=None, root="/",
                  clock=None, policy=None, lock_path=None, connect_method=None, conf=None,
                  **kwargs):
         self._root_helper = root_helper
@@ -87,7 +87,8 @@ class NVMeOFConnector:
         if not poll(lambda: udev_done(self.root, name), timeout, self.clock):
             LOG.warning("udev has not processed %s after %ss", path, timeout)
 
-    def get_search_path(self):
+    @staticmethod
+    def get_search_path():
         return DEV_SEARCH_PATH
 
     def native_multipath(self):

@@ -408,3 +408,16 @@ def test_check_paths_leaves_an_unattached_volume_alone(lab):
     assert report == {"attached": False, "healed": False, "before": report["before"],
                       "after": report["before"]}
     assert sum(lab.sim.calls.values()) == 0
+
+
+def test_dhchap_secret_reaches_the_kernel_but_no_log(lab, caplog):
+    import logging
+    secret = "DHHC-1:00:ia6zGodOr4SEG0Zzaw398rpY0wqipUWj4jWjUh4HWUz6aQ2n:"
+    lab.target()
+    seen = []
+    real = lab.sim.connect
+    lab.sim.connect = lambda opts: seen.append(opts.get("dhchap_secret")) or real(opts)
+    caplog.set_level(logging.DEBUG)
+    lab.connector.connect_volume(conninfo(dhchap_secret=secret))
+    assert seen == [secret, secret]
+    assert secret not in caplog.text

@@ -103,7 +103,8 @@ def cmd_gate(args) -> int:
     for mp in settings:
         print(f"lab: gate with nvme_core multipath={mp}", file=sys.stderr, flush=True)
         cmd = [str(paths.venv_python()), "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-               "-m", "gate", str(paths.project_dir() / "tests" / "gate"), *args.pytest_args]
+               "-m", "gate", str(paths.project_dir() / "tests" / "gate"),
+               *[a for a in args.pytest_args if a != "--"]]
         result = _as_user_in_vm(args, cmd, modprobe_options={"nvme_core": f"multipath={mp}"})
         rcs[mp] = _report(result, t0)
         metrics = result.out_dir / "gate-metrics.txt"

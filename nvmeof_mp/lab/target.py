@@ -18,6 +18,7 @@ import os
 import re
 import socket
 import socketserver
+import subprocess
 import threading
 from pathlib import Path
 
@@ -39,6 +40,7 @@ class Target:
             raise RuntimeError(f"{self.root} missing: modprobe nvmet and mount configfs")
         self._ana_groups = {1}
         self._backing_files: list[Path] = []
+        self._loops: list[str] = []
 
     # -- subsystems / namespaces ------------------------------------------------------------
     def _subsys(self, nqn: str) -> Path:
@@ -56,8 +58,11 @@ class Target:
         (self._subsys(nqn) / "allowed_hosts" / hostnqn).symlink_to(host)
 
     def add_namespace(self, nqn: str, nsid: int, size_mb: int, uuid: str, nguid=None,
-                      ana_group=None, backing=None) -> str:
+                      ana_group=None, backing=None, lba=4096) -> str:
         """Create and enable a namespace; without ``backing`` a sparse tmpfs file is made.
+
+        A tmpfs file gives a 4 KiB LBA format (nvmet uses the file's block size); ``lba=512``
+        puts a 512-byte-sector loop device in between instead.
 
         Returns the backing path.
         """
@@ -68,6 +73,11 @@ class Target:
             with open(backing, "wb") as f:
                 f.truncate(size_mb * 1024 * 1024)
             self._backing_files.append(Path(backing))
+            if lba == 512:
+                backing = subprocess.run(
+                    ["losetup", "--find", "--show", "--sector-size", "512", backing],
+                    check=True, capture_output=True, text=True).stdout.strip()
+                self._loops.append(backing)
         if ana_group is not None:
             self._ensure_ana_group(int(ana_group))
         ns = self._subsys(nqn) / "namespaces" / str(nsid)
@@ -87,8 +97,15 @@ class Target:
         """Grow/shrink a file-backed namespace and tell nvmet (hosts get an AEN)."""
         ns = self._subsys(nqn) / "namespaces" / str(nsid)
         backing = (ns / "device_path").read_text().strip()
+        loop = None
+        if backing.startswith("/dev/loop"):
+            loop = backing
+            name = os.path.basename(loop)
+            backing = Path(f"/sys/block/{name}/loop/backing_file").read_text().strip()
         with open(backing, "r+b") as f:
             f.truncate(size_mb * 1024 * 1024)
+        if loop:
+            subprocess.run(["losetup", "--set-capacity", loop], check=True)
         _write(ns / "revalidate_size", 1)
 
     def remove_namespace(self, nqn: str, nsid: int) -> None:
@@ -163,6 +180,9 @@ class Target:
             subsys.rmdir()
         for host in (self.root / "hosts").iterdir():
             host.rmdir()
+        for loop in self._loops:
+            subprocess.run(["losetup", "-d", loop], capture_output=True)
+        self._loops.clear()
         for path in self._backing_files:
             path.unlink(missing_ok=True)
         self._backing_files.clear()

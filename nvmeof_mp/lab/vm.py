@@ -36,7 +36,7 @@ TOOLS = {
 }
 #: Modules guest init loads (nvme_core first so its options apply).
 GUEST_MODULES = ("nvme_core", "nvme_fabrics", "nvme_tcp", "nvmet", "nvmet_tcp", "raid1",
-                 "dm_multipath", "dm_round_robin", "dm_service_time")
+                 "dm_multipath", "dm_round_robin", "dm_service_time", "loop")
 _SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 

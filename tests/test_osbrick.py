@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from simlab import NQN, UUID, conninfo
+from simlab import NQN, conninfo
 
 osb_connector = pytest.importorskip("os_brick.initiator.connector")
 from os_brick import exception as obe  # noqa: E402

@@ -96,7 +96,7 @@ def build_parser():
     p.add_argument("--no-multipath", action="store_true",
                    help="connect one portal only (use_multipath=False)")
     p.add_argument("--connect-method", choices=("nvme-cli", "fabrics"), default=None,
-                   help="default: [nvmeof_mp] connect_method (nvme-cli)")
+                   help="default: [nvmeof_mp] connect_method (fabrics)")
     p.add_argument("--debug", action="store_true")
     p.add_argument("--root", default="/", help=argparse.SUPPRESS)   # read a captured tree
     sub = p.add_subparsers(dest="command", required=True)

@@ -36,9 +36,11 @@ OPTS = [
     cfg.FloatOpt("ana_wait", default=1.0, min=0,
                  help="Seconds to wait for an ANA-optimized path before accepting a "
                       "non-optimized one."),
-    cfg.StrOpt("connect_method", default="nvme-cli", choices=("nvme-cli", "fabrics"),
-               help="How controllers are created: nvme-cli, or one write to "
-                    "/dev/nvme-fabrics from the privsep daemon (faster; needs no nvme-cli)."),
+    cfg.StrOpt("connect_method", default="fabrics", choices=("fabrics", "nvme-cli"),
+               help="How controllers are created: 'fabrics' writes the option string to "
+                    "/dev/nvme-fabrics from the privsep daemon (one write, no process; "
+                    "nvme-cli is used when that device is missing); 'nvme-cli' always runs "
+                    "'nvme connect'."),
 ]
 
 

@@ -90,7 +90,7 @@ class Kernel(abc.ABC):
 class PrivilegedKernel(Kernel):
     """The real kernel, through the privsep daemon."""
 
-    def __init__(self, connect_method="nvme-cli"):
+    def __init__(self, connect_method="fabrics"):
         super().__init__()
         self.connect_method = connect_method
 

@@ -80,8 +80,7 @@ class Attacher:
                     isinstance(f, AlreadyConnected) for f in failures):
                 raise TargetUnreachable(target.nqn, failures)
             try:
-                snap, ns = self._wait_device(target, all_portals and len(target.portals) > 1,
-                                             created)
+                snap, ns = self._wait_device(target, all_portals and len(target.portals) > 1)
             except NVMeOFError:
                 self._remove_controllers(created, "attach of %s failed" % target.describe())
                 raise
@@ -155,13 +154,12 @@ class Attacher:
         return PortalConnectError(portal, result.get("error") or "unknown error",
                                   result.get("errno"))
 
-    def _wait_device(self, target: Target, multipath: bool, created=()) -> tuple[Snapshot,
-                                                                                 Namespace]:
-        """Poll sysfs until the namespace is visible with a usable path.
+    def _wait_device(self, target: Target, multipath: bool) -> tuple[Snapshot, Namespace]:
+        """Poll sysfs until the namespace is visible with a usable path (and udev is done).
 
-        With several portals, for up to ``policy.ana_wait`` seconds: an optimized path is
-        awaited (after that a non-optimized one is accepted), and so are the paths of the
-        controllers this call created, so the result reports them.
+        With several portals an optimized path is awaited for ``policy.ana_wait`` seconds;
+        after that a non-optimized one is accepted.  Other new paths are not awaited: the
+        volume is usable, and their controllers are already live.
         """
         start = self.clock.monotonic()
         seen = {}
@@ -172,18 +170,21 @@ class Attacher:
             seen["snap"], seen["ns"] = snap, ns
             if ns is None or not planner.usable_path(ns, snap, target.nqn):
                 return None
+            seen.setdefault("visible", self.clock.monotonic() - start)
             if not udev_done(self.root, ns.name):
                 return None
-            if multipath and self.clock.monotonic() - start < self.policy.ana_wait:
-                live = {c.name for c in snap.controllers(target.nqn) if c.live}
-                if any(c in live and c not in ns.controllers() for c in created):
-                    return None
-                if ns.paths and planner.best_ana_state(ns, snap, target.nqn) != "optimized":
-                    return None
+            seen.setdefault("udev", self.clock.monotonic() - start)
+            if (multipath and ns.paths
+                    and self.clock.monotonic() - start < self.policy.ana_wait
+                    and planner.best_ana_state(ns, snap, target.nqn) != "optimized"):
+                return None
             return snap, ns
 
         found = poll(ready, self.policy.device_timeout, self.clock)
         if found:
+            LOG.debug("%s ready after %.3fs (usable %.3fs, udev done %.3fs)", found[1].device,
+                      self.clock.monotonic() - start, seen.get("visible", -1),
+                      seen.get("udev", -1))
             return found
         if seen.get("ns") is not None:
             return seen["snap"], seen["ns"]      # visible, but no usable path: degraded

@@ -141,7 +141,10 @@ class NVMeOFConnector:
         if not self.get_volume_paths(connection_properties):
             return {"attached": False, "healed": False, "before": before, "after": before}
         self.connect_volume(connection_properties)
-        after = self.get_path_status(connection_properties)
+        # new controllers are live; give their namespace paths a moment to show up
+        from nvmeof_mp.waiting import poll
+        after = poll(lambda: _all_healthy(self.get_path_status(connection_properties)),
+                     2.0, self.clock) or self.get_path_status(connection_properties)
         changed = [b["verdict"] for b in before] != [a["verdict"] for a in after]
         LOG.info("check_paths %s: %s -> %s", request.describe(),
                  ",".join(b["verdict"] for b in before), ",".join(a["verdict"] for a in after))
@@ -229,3 +232,7 @@ class NVMeOFConnector:
             now = find_namespace(target, self.sysfs.snapshot([target.nqn]))
             return now.size_bytes if now and now.size_bytes != ns.size_bytes else None
         return ns.device, ns.size_bytes, poll(grown, timeout, self.clock) or ns.size_bytes
+
+
+def _all_healthy(reports):
+    return reports if all(r["verdict"] == "healthy" for r in reports) else None

@@ -18,12 +18,12 @@ class Clock:
         time.sleep(seconds)
 
 
-def poll(check, timeout, clock=None, first=0.005, longest=0.1):
+def poll(check, timeout, clock=None, first=0.005, longest=0.05):
     """Call ``check()`` until it returns something truthy or ``timeout`` seconds pass.
 
     Returns the last value of ``check()`` (falsy on timeout).  The interval starts at ``first``
     and grows by half each round up to ``longest``: a device that appears in 20 ms is seen in
-    ~20 ms, and a slow one costs at most ten sysfs scans a second.
+    ~20 ms, a slow one costs at most twenty small sysfs scans a second.
     """
     clock = clock or Clock()
     deadline = clock.monotonic() + timeout

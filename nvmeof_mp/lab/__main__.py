@@ -7,6 +7,7 @@ Host commands:
   guest-run [--as-user] -- CMD  CMD in the VM with the target agent up
   demo                          the main job on the real kernel, with progress
   gate                          tests/gate in the VM, nvme_core multipath Y then N
+  bench [--runs N] [--quick]    attach performance against os-brick in the VM
 Guest-side commands (run by the VM; ``_guest-*``) are internal.
 """
 
@@ -115,6 +116,40 @@ def cmd_gate(args) -> int:
     return 0 if all(v == 0 for v in rcs.values()) else 1
 
 
+OS_BRICK = "os-brick==7.1.1"     # the release measured in shared kernel facts
+
+
+def osbrick_venv():
+    """os-brick from PyPI in a virtualenv of its own (lab cache), made once."""
+    venv = paths.lab_dir() / "osbrick-venv"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        import subprocess
+        print(f"lab: installing {OS_BRICK} into {venv}", file=sys.stderr, flush=True)
+        subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", OS_BRICK], check=True)
+    return python
+
+
+def cmd_bench(args) -> int:
+    """Ours against os-brick on the real kernel; table on stdout, JSON in the run folder."""
+    from . import vm
+    t0 = time.monotonic()
+    vm.prepare()
+    osb = osbrick_venv()
+    out = "$NVMEOF_MP_LAB_OUT/bench.json"
+    cmd = ["bash", "-c", f"exec {paths.venv_python()} -m nvmeof_mp.lab.bench "
+           f"--osbrick-python {osb} --out {out} --runs {args.runs}"
+           + (" --quick" if args.quick else "")]
+    result = vm.run_in_vm(_guest_module_argv("_guest-run", "--", *cmd), **_vm_kwargs(args))
+    for name in ("bench.txt", "bench.json"):
+        if (result.out_dir / name).exists():
+            print(f"lab: {result.out_dir / name}", file=sys.stderr)
+    if (result.out_dir / "bench.txt").exists():
+        print((result.out_dir / "bench.txt").read_text(), end="")
+    return _report(result, t0)
+
+
 def cmd_guest_smoke(args) -> int:
     from . import guest
     return guest.smoke()
@@ -153,6 +188,9 @@ def main(argv=None) -> int:
     p.add_argument("cmd", nargs=argparse.REMAINDER)
 
     vm_command("demo", cmd_demo, "the main job on the real kernel")
+    p = vm_command("bench", cmd_bench, "attach performance against os-brick (real kernel)")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--quick", action="store_true")
     p = vm_command("gate", cmd_gate, "gate tests in the VM (multipath Y and N)")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER)
 

@@ -171,7 +171,7 @@ class Attacher:
             if ns is None or not planner.usable_path(ns, snap, target.nqn):
                 return None
             seen.setdefault("visible", self.clock.monotonic() - start)
-            if not udev_done(self.root, ns.name):
+            if self.policy.wait_for_udev and not udev_done(self.root, ns.name):
                 return None
             seen.setdefault("udev", self.clock.monotonic() - start)
             if (multipath and ns.paths

@@ -37,9 +37,11 @@ def _emit(args, data, text=None):
 
 
 def cmd_properties(args):
-    from nvmeof_mp.connector import NVMeOFConnector
-    _emit(args, NVMeOFConnector.get_connector_properties(
-        args.root_helper, multipath=not args.no_multipath))
+    # the light path: no connector, no oslo import unless a root action is really needed
+    from nvmeof_mp.hostinfo import HostInfo, connector_properties
+    from nvmeof_mp.kernel import LazyKernel
+    info = HostInfo(args.root, kernel=LazyKernel(args.root_helper))
+    _emit(args, connector_properties(info, multipath=not args.no_multipath))
 
 
 def cmd_connect(args):

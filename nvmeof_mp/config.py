@@ -36,6 +36,11 @@ OPTS = [
     cfg.FloatOpt("ana_wait", default=1.0, min=0,
                  help="Seconds to wait for an ANA-optimized path before accepting a "
                       "non-optimized one."),
+    cfg.BoolOpt("wait_for_udev", default=True,
+                help="Return a new device only after udev processed it (group and mode set, "
+                     "/dev/disk/by-id links made), so any consumer can open it at once.  Costs "
+                     "udev's processing time per attach; off returns as soon as the kernel "
+                     "shows the device."),
     cfg.StrOpt("connect_method", default="fabrics", choices=("fabrics", "nvme-cli"),
                help="How controllers are created: 'fabrics' writes the option string to "
                     "/dev/nvme-fabrics from the privsep daemon (one write, no process; "
@@ -62,7 +67,8 @@ def policy_from_conf(conf=None) -> TimeoutPolicy:
                          keep_alive_tmo=g.keep_alive_tmo, nr_io_queues=g.nr_io_queues,
                          fast_io_fail_tmo=g.fast_io_fail_tmo,
                          leg_fast_io_fail_tmo=g.leg_fast_io_fail_tmo,
-                         device_timeout=g.device_timeout, ana_wait=g.ana_wait)
+                         device_timeout=g.device_timeout, ana_wait=g.ana_wait,
+                         wait_for_udev=g.wait_for_udev)
 
 
 def sample_text():

@@ -64,9 +64,8 @@ class NVMeOFConnector:
         plus the generic ones and what this host can do per mode (``nvmeof_mp``)."""
         kernel = kwargs.get("kernel")
         if kernel is None:
-            from nvmeof_mp import privileged
-            privileged.init(root_helper)
-            kernel = PrivilegedKernel()
+            from nvmeof_mp.kernel import LazyKernel
+            kernel = LazyKernel(root_helper)
         info = HostInfo(kwargs.get("root", "/"), kernel=kernel)
         return connector_properties(info, multipath=kwargs.get("multipath", False),
                                     enforce_multipath=kwargs.get("enforce_multipath", False),
@@ -81,6 +80,8 @@ class NVMeOFConnector:
 
     def wait_udev(self, path, timeout=10.0):
         """Wait until udev has processed the device behind ``path`` (md, dm: see udev_done)."""
+        if not self.policy.wait_for_udev:
+            return
         from nvmeof_mp.topology import udev_done
         from nvmeof_mp.waiting import poll
         name = os.path.basename(os.path.realpath(os.path.join(self.root, path.lstrip("/"))))
@@ -109,8 +110,9 @@ class NVMeOFConnector:
         all_portals = request.mode is Mode.MULTIPATH and self._use_native(request)
         att = self.attacher.attach(request.target, all_portals)
         LOG.info("Attached %s at %s (%s)", request.describe(), att.device, att.summary())
-        return {"type": "block", "path": att.device, "degraded": att.degraded,
-                "paths": att.as_dict()["paths"], "failed_portals": att.as_dict()["failed_portals"]}
+        details = att.as_dict()
+        return {"type": "block", "path": att.device, "degraded": details["degraded"],
+                "paths": details["paths"], "failed_portals": details["failed_portals"]}
 
     def _use_native(self, request):
         if not self.use_multipath:

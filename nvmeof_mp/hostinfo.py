@@ -15,6 +15,18 @@ import socket
 from nvmeof_mp.topology import listdir, read_attr
 
 
+SYSTEM_UUID_CACHE = "/run/nvmeof_mp/system-uuid"
+
+
+def _valid_uuid(value):
+    import uuid
+    try:
+        u = uuid.UUID((value or "").strip())
+    except ValueError:
+        return None
+    return None if u.int == 0 else str(u)
+
+
 class HostInfo:
     def __init__(self, root="/", sys_root=None, kernel=None):
         self.root = root
@@ -44,9 +56,12 @@ class HostInfo:
         return self.kernel.ensure_host_identity()
 
     def system_uuid(self):
-        value = _read(self._path("sys/class/dmi/id/product_uuid"))
-        if value:
-            return value.strip().lower()
+        """DMI product UUID: read directly when allowed (root), else from the copy the
+        privileged side leaves in /run (world-readable, it is no secret), else ask it."""
+        for path in ("sys/class/dmi/id/product_uuid", SYSTEM_UUID_CACHE.lstrip("/")):
+            value = _valid_uuid(_read(self._path(path)))
+            if value:
+                return value
         if self.kernel is not None:
             return self.kernel.read_system_uuid()
         return None

@@ -168,3 +168,19 @@ class PrivilegedKernel(Kernel):
 
     def dm_remove(self, name):
         return self._storage("dm_remove", name)
+
+
+class LazyKernel:
+    """A PrivilegedKernel made on first use: commands that may need no root action (such as
+    ``nvmeof-mp properties``) do not import oslo.privsep or start the daemon."""
+
+    def __init__(self, root_helper=None, connect_method="fabrics"):
+        self._args = (root_helper, connect_method)
+        self._kernel = None
+
+    def __getattr__(self, name):
+        if self._kernel is None:
+            from nvmeof_mp import privileged
+            privileged.init(self._args[0])
+            self._kernel = PrivilegedKernel(self._args[1])
+        return getattr(self._kernel, name)

@@ -23,6 +23,7 @@ class TimeoutPolicy:
     leg_fast_io_fail_tmo: int | None = 1     # RAID and DeviceMapper legs
     device_timeout: float = 30.0             # how long to wait for the block device
     ana_wait: float = 1.0                    # how long to wait for an optimized path
+    wait_for_udev: bool = True               # return devices only once udev processed them
 
     def controller_options(self, replica_leg: bool):
         opts = {"ctrl_loss_tmo": self.ctrl_loss_tmo, "reconnect_delay": self.reconnect_delay,

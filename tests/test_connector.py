@@ -421,3 +421,14 @@ def test_dhchap_secret_reaches_the_kernel_but_no_log(lab, caplog):
     lab.connector.connect_volume(conninfo(dhchap_secret=secret))
     assert seen == [secret, secret]
     assert secret not in caplog.text
+
+
+def test_udev_wait_can_be_turned_off(make_lab):
+    import dataclasses
+    lab = make_lab(udev_delay=0.7)
+    lab.target()
+    conn = lab.new_connector(policy=dataclasses.replace(lab.connector.policy,
+                                                        wait_for_udev=False))
+    start = lab.sim.clock.now
+    conn.connect_volume(conninfo())
+    assert lab.sim.clock.now - start < 0.7

@@ -46,3 +46,28 @@ def test_properties_without_nvme_cli(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     p = props(SimHost(str(tmp_path)))
     assert p["nqn"] == HOST_NQN and p["nvmeof_mp"]["nvme_cli"] is False
+
+
+def test_system_uuid_from_the_run_cache_needs_no_privileged_call(tmp_path):
+    sim = SimHost(str(tmp_path))
+    os.unlink(os.path.join(sim.root, "sys/class/dmi/id/product_uuid"))   # root-only on hosts
+    os.makedirs(os.path.join(sim.root, "run/nvmeof_mp"))
+    with open(os.path.join(sim.root, "run/nvmeof_mp/system-uuid"), "w") as f:
+        f.write(SYSTEM_UUID.upper() + "\n")
+    assert props(sim)["system uuid"] == SYSTEM_UUID
+    assert sim.calls["read_system_uuid"] == 0
+    os.unlink(os.path.join(sim.root, "run/nvmeof_mp/system-uuid"))
+    assert props(sim)["system uuid"] == SYSTEM_UUID
+    assert sim.calls["read_system_uuid"] == 1
+
+
+def test_cli_properties_imports_no_oslo(tmp_path):
+    import subprocess
+    import sys
+    SimHost(str(tmp_path))
+    code = ("import sys; from nvmeof_mp import cli; cli.main(['--root', %r, 'properties']); "
+            "print(sorted(m for m in sys.modules if m.startswith('oslo')))" % str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+    assert '"nvme_native_multipath": true' in out

@@ -247,26 +247,31 @@ def import_costs(python_for, results):
 
 
 def table(results):
-    lines = ["%-30s %9s %9s %9s %9s %8s %8s" % ("scenario", "ours s", "os-brick", "floor",
-                                                "ours/osb", "ours/flr", "priv/att")]
+    """ours = default (waits for udev); 'no udev' = wait_for_udev off; floor = kernel alone."""
+    lines = ["%-36s %7s %8s %8s %7s %8s %8s %8s" % (
+        "scenario", "ours s", "no udev", "os-brick", "floor", "ours/osb", "ours/flr",
+        "priv/att")]
     for name, r in results.items():
         m = r.get("median") if isinstance(r, dict) else None
         if not m or "ours" not in m:
             continue
-        ours, osb = m["ours"]["attach"], m.get("osbrick", {}).get("attach")
-        floor = m.get("floor_fabrics", {}).get("attach")
-        lines.append("%-30s %9.2f %9s %9s %9s %8s %8s" % (
-            name + " attach", ours, "%.2f" % osb if osb else "-",
-            "%.2f" % floor if floor else "-", "%.2f" % (ours / osb) if osb else "-",
-            "%.2f" % (ours / floor) if floor else "-",
-            "%.1f" % m["ours"]["calls"] if "calls" in m["ours"] else "-"))
-        od, bd = m["ours"].get("detach"), m.get("osbrick", {}).get("detach")
-        fd = m.get("floor_fabrics", {}).get("detach")
-        if od:
-            lines.append("%-30s %9.2f %9s %9s %9s %8s" % (
-                name + " detach", od, "%.2f" % bd if bd else "-", "%.2f" % fd if fd else "-",
-                "%.2f" % (od / bd) if bd else "-", "%.2f" % (od / fd) if fd else "-"))
+        for op in ("attach", "detach"):
+            ours = m["ours"].get(op)
+            if ours is None:
+                continue
+            nu = m.get("ours-noudev", {}).get(op)
+            osb = m.get("osbrick", {}).get(op)
+            floor = m.get("floor_fabrics", {}).get(op)
+            calls = m["ours"].get("calls") if op == "attach" else None
+            lines.append("%-36s %7.2f %8s %8s %7s %8s %8s %8s" % (
+                "%s %s" % (name, op), ours, _f(nu), _f(osb), _f(floor),
+                _f(osb and ours / osb), _f(floor and ours / floor),
+                "%.1f" % calls if calls is not None else "-"))
     return "\n".join(lines)
+
+
+def _f(value):
+    return "%.2f" % value if value else "-"
 
 
 def main(argv=None):
@@ -285,6 +290,7 @@ def main(argv=None):
     try:
         cold_vs_warm(python_for, root_helper_for, results)
         workers = [Worker(lib, python_for[lib], root_helper_for[lib]) for lib in python_for]
+        workers.append(Worker("ours-noudev", python_for["ours"], root_helper_for["ours"]))
         for w in workers:
             w.call(op="init")
             a = w.call(op="attach", infos=[info(0, 1)], threads=1)     # past first-call costs

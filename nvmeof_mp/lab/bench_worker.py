@@ -45,15 +45,20 @@ def forks():
 
 
 def make_connector(lib, root_helper):
-    if lib == "ours":
+    if lib.startswith("ours"):
         from nvmeof_mp.connector import NVMeOFConnector
-        return NVMeOFConnector(root_helper=root_helper, use_multipath=True)
+        conn = NVMeOFConnector(root_helper=root_helper, use_multipath=True)
+        if lib == "ours-noudev":        # the same without waiting for udev
+            import dataclasses
+            conn.policy = conn.attacher.policy = dataclasses.replace(conn.policy,
+                                                                     wait_for_udev=False)
+        return conn
     from os_brick.initiator import connector
     return connector.InitiatorConnector.factory("NVMEOF", root_helper, use_multipath=True)
 
 
 def warm_up(lib, conn, root_helper):
-    if lib == "ours":
+    if lib.startswith("ours"):
         conn.kernel.read_system_uuid()
     else:
         from os_brick.privileged import nvmeof as priv_nvmeof

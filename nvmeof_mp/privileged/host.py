@@ -75,13 +75,26 @@ def ensure_host_identity():
     return ensure_identity_files("/")
 
 
+SYSTEM_UUID_CACHE = "/run/nvmeof_mp/system-uuid"
+
+
 @privileged.default.entrypoint
 def read_system_uuid():
-    """The DMI product UUID is readable by root only."""
+    """The DMI product UUID is readable by root only; leave a world-readable copy in /run so
+    unprivileged callers need no daemon for it next time (it is no secret)."""
     try:
-        return derive_host_identity("/")[1]
+        value = derive_host_identity("/")[1]
     except OSError:
         return None
+    try:
+        os.makedirs(os.path.dirname(SYSTEM_UUID_CACHE), mode=0o755, exist_ok=True)
+        with open(SYSTEM_UUID_CACHE + ".tmp", "w") as f:
+            f.write(value + "\n")
+        os.chmod(SYSTEM_UUID_CACHE + ".tmp", 0o644)
+        os.replace(SYSTEM_UUID_CACHE + ".tmp", SYSTEM_UUID_CACHE)
+    except OSError:
+        pass
+    return value
 
 
 def device_path(path):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import logging
+
+from oslo_log import log as logging
 
 from nvmeof_mp import plan as planner
 from nvmeof_mp.connection import Portal, Target

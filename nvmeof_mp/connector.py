@@ -6,9 +6,10 @@ connection in ``attach``, md and dm in ``raid`` / ``devmapper``, root actions be
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
+
+from oslo_log import log as logging
 
 from nvmeof_mp import connection
 from nvmeof_mp.attach import Attacher

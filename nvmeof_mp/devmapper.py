@@ -12,7 +12,7 @@ every attach of the volume (a returning replica is re-loaded into the map).
 
 from __future__ import annotations
 
-import logging
+from oslo_log import log as logging
 
 from nvmeof_mp import replicas
 from nvmeof_mp.exception import ReplicaError, UnsupportedHost

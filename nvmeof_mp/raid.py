@@ -7,7 +7,7 @@ The array is ``/dev/md/<alias>``.
 
 from __future__ import annotations
 
-import logging
+from oslo_log import log as logging
 
 from nvmeof_mp import replicas
 from nvmeof_mp.exception import ReplicaError

@@ -8,8 +8,9 @@ I/O over in about a second.  A replica that cannot be attached is reported, not 
 from __future__ import annotations
 
 import concurrent.futures
-import logging
 import os
+
+from oslo_log import log as logging
 
 from nvmeof_mp.exception import NVMeOFError, ReplicaError
 

@@ -178,3 +178,20 @@ def test_duplicate_ids_across_subsystems_are_ignored_by_the_kernel(two):
         two.connector.connect_volume({"target_nqn": NQN + "-c", "vol_uuid": UUID,
                                       "portals": [["127.0.0.1", 4424, "tcp"]]})
     assert any("duplicate IDs" in line for line in two.sim.log)
+
+
+def test_dm_extend_reloads_the_map_with_the_new_size(two):
+    two.connector.connect_volume(dm_info())
+    two.sim.resize(NQA, 1, 262144)
+    two.sim.resize(NQB, 1, 262144)
+    assert two.connector.extend_volume(dm_info()) == 262144 * 512
+    assert two.sim.dm[UUID_TOP]["size"] == 262144
+    assert two.sim.calls["dm_load"] == 2
+
+
+def test_check_paths_readds_a_failed_raid_leg(two):
+    two.connector.connect_volume(raid_info())
+    two.sim.md_fail("vol1", "/dev/nvme1n1")
+    report = two.connector.check_paths(raid_info())
+    assert report["attached"]
+    assert two.sim.md["vol1"]["legs"]["/dev/nvme1n1"] == "active"

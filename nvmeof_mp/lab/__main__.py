@@ -7,7 +7,7 @@ Host commands:
   guest-run [--as-user] -- CMD  CMD in the VM with the target agent up
   demo                          the main job on the real kernel, with progress
   gate                          tests/gate in the VM, nvme_core multipath Y then N
-  bench [--runs N] [--quick]    attach performance against os-brick in the VM
+  bench [--runs N] [--only ..]  attach performance against os-brick in the VM
 Guest-side commands (run by the VM; ``_guest-*``) are internal.
 """
 
@@ -140,7 +140,7 @@ def cmd_bench(args) -> int:
     out = "$NVMEOF_MP_LAB_OUT/bench.json"
     cmd = ["bash", "-c", f"exec {paths.venv_python()} -m nvmeof_mp.lab.bench "
            f"--osbrick-python {osb} --out {out} --runs {args.runs}"
-           + (" --quick" if args.quick else "")]
+           + (f" --only {args.only}" if args.only else "")]
     result = vm.run_in_vm(_guest_module_argv("_guest-run", "--", *cmd), **_vm_kwargs(args))
     for name in ("bench.txt", "bench.json"):
         if (result.out_dir / name).exists():
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     vm_command("demo", cmd_demo, "the main job on the real kernel")
     p = vm_command("bench", cmd_bench, "attach performance against os-brick (real kernel)")
     p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", help="subset: cold,single,k8,k32,raid,procs,import")
     p = vm_command("gate", cmd_gate, "gate tests in the VM (multipath Y and N)")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER)
 

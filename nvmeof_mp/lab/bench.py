@@ -19,6 +19,7 @@ import sys
 import time
 
 NQN = "nqn.2014-08.org.nvmeof-mp:bench-%d"
+SCENARIOS = ("cold", "single", "k8", "k32", "raid", "procs", "import")
 PORTS = (4420, 4421, 4422, 4423)
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_worker.py")
 
@@ -33,7 +34,7 @@ def info(i, portals):
 
 
 def raid_info(i):
-    return {"alias": "bench%d" % i, "replica_count": 2,
+    return {"alias": "bench%d" % i, "replica_count": 2, "vol_uuid": uuid(200 + i),
             "volume_replicas": [info(i, 1), dict(info(i + 100, 1), portals=[
                 ["127.0.0.1", str(PORTS[1]), "tcp"]])]}
 
@@ -145,7 +146,7 @@ def setup_target(volumes):
     target = Target()
     for pid, svc in enumerate(PORTS, 1):
         target.add_port(pid, svc)
-    for i in list(range(volumes)) + [100 + i for i in range(4)]:
+    for i in list(range(volumes)) + [100 + i for i in range(2)]:
         target.add_subsystem(NQN % i)
         target.add_namespace(NQN % i, 1, 8, uuid(i), ana_group=1)
         for pid in range(1, len(PORTS) + 1):
@@ -280,37 +281,43 @@ def main(argv=None):
     ap.add_argument("--osbrick-python", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--quick", action="store_true", help="fewer scenarios (smoke)")
+    ap.add_argument("--only", help="comma-separated subset of: " + ",".join(SCENARIOS))
     args = ap.parse_args(argv)
     python_for = {"ours": sys.executable, "osbrick": args.osbrick_python}
     root_helper_for = {lib: "env PATH=%s:/usr/sbin:/usr/bin:/sbin:/bin" % os.path.dirname(py)
                        for lib, py in python_for.items()}
     target = setup_target(32)
     results = {}
+    want = set(args.only.split(",")) if args.only else set(SCENARIOS)
     try:
-        cold_vs_warm(python_for, root_helper_for, results)
+        if "cold" in want:
+            cold_vs_warm(python_for, root_helper_for, results)
         workers = [Worker(lib, python_for[lib], root_helper_for[lib]) for lib in python_for]
         workers.append(Worker("ours-noudev", python_for["ours"], root_helper_for["ours"]))
         for w in workers:
             w.call(op="init")
             a = w.call(op="attach", infos=[info(0, 1)], threads=1)     # past first-call costs
             w.call(op="detach", infos=[info(0, 1)], devices=a["result"], threads=1)
-        for portals in (1, 2, 4):
-            scenario(workers, [info(0, portals)], 1, args.runs, results,
-                     "1 volume, %d portal%s" % (portals, "s" if portals > 1 else ""))
-        scenario(workers, [info(i, 2) for i in range(8)], 8, args.runs, results,
-                 "8 volumes x 2 portals, threads")
-        if not args.quick:
+        if "single" in want:
+            for portals in (1, 2, 4):
+                scenario(workers, [info(0, portals)], 1, args.runs, results,
+                         "1 volume, %d portal%s" % (portals, "s" if portals > 1 else ""))
+        if "k8" in want:
+            scenario(workers, [info(i, 2) for i in range(8)], 8, args.runs, results,
+                     "8 volumes x 2 portals, threads")
+        if "k32" in want:
             scenario(workers, [info(i, 2) for i in range(32)], 32, max(3, args.runs // 2),
                      results, "32 volumes x 2 portals, threads")
+        if "raid" in want:
             scenario(workers, [raid_info(0)], 1, args.runs, results, "RAID1, 2 replicas",
                      floors=False)
         for w in workers:
             w.close()
-        if not args.quick:
+        if "procs" in want:
             processes_scenario(python_for, root_helper_for, [info(i, 2) for i in range(8)],
                                3, results, "8 volumes x 2 portals, procs")
-        import_costs(python_for, results)
+        if "import" in want:
+            import_costs(python_for, results)
     finally:
         target.teardown()
     text = table(results)

@@ -267,7 +267,7 @@ def test_raid1_with_leg_failure_during_io(connector, target):
                             lambda: target.link(2, NQN + "-b"))
     assert w.max_stall < STALL_LIMIT
     assert wait_for(lambda: set(controllers().values()) == {"live"}, 20)
-    connector.connect_volume(raid)                       # heal: re-add the returning leg
+    connector.check_paths(raid)                          # heal: re-add the returning leg
     assert wait_for(lambda: md_degraded(result["path"]) == 0, 30)
     connector.disconnect_volume(raid, result)
     assert not os.path.exists("/dev/md/gatevol")
@@ -282,7 +282,7 @@ def dm_case(connector, target):
                             lambda: target.link(1, NQN + "-a"))
     assert w.max_stall < STALL_LIMIT
     assert wait_for(lambda: set(controllers().values()) == {"live"}, 20)
-    connector.connect_volume(dm)                         # heal: reinstate the failed path
+    connector.check_paths(dm)                            # heal: reinstate the failed path
     status = connector.kernel.dm_status(UTOP)
     assert set(status.values()) == {"A"}, status
     connector.disconnect_volume(dm, result)

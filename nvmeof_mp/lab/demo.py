@@ -30,20 +30,14 @@ def show_paths(reader, target):
 def main():
     from nvmeof_mp import connection
     from nvmeof_mp.connector import NVMeOFConnector
-    from nvmeof_mp.lab.target import TargetClient
+    from nvmeof_mp.lab.target import TargetClient, two_path_volume
     from nvmeof_mp.lab.workload import Writer, verify, wait_for
     from nvmeof_mp.topology import SysfsReader
 
     say("running as uid %d; root actions go through %s" % (
         os.getuid(), os.environ.get("NVMEOF_MP_ROOT_HELPER")))
     target = TargetClient()
-    target.add_subsystem(NQN)
-    target.add_namespace(NQN, 1, 64, UUID, ana_group=1)
-    for pid, svc in ((1, 4420), (2, 4421)):
-        target.add_port(pid, svc)
-        target.link(pid, NQN)
-    target.set_ana_state(1, 1, "optimized")
-    target.set_ana_state(2, 1, "non-optimized")
+    two_path_volume(target, NQN, UUID)
     say("nvmet target ready: %s on 127.0.0.1:4420 (optimized) and :4421 (non-optimized)" % NQN)
 
     info = {"vol_uuid": UUID, "target_nqn": NQN,

@@ -16,7 +16,7 @@ import sys
 import time
 
 from . import LAB_USER
-from .target import Target, TargetAgent
+from .target import Target, TargetAgent, two_path_volume
 
 DEFAULT_SOCK = "/run/nvmeof-lab/target.sock"
 
@@ -132,12 +132,7 @@ def smoke() -> int:
     py = sys.executable
     with target_session() as target:
         with steps.step("nvmet target: subsystem, 64 MiB namespace, ports 4420/4421"):
-            target.add_subsystem(SMOKE_NQN)
-            target.add_namespace(SMOKE_NQN, 1, 64, SMOKE_UUID, ana_group=1)
-            for port, svc in ((1, 4420), (2, 4421)):
-                target.add_port(port, svc)
-                target.link(port, SMOKE_NQN)
-            target.set_ana_state(2, 1, "non-optimized")
+            two_path_volume(target, SMOKE_NQN, SMOKE_UUID)
         with steps.step(f"{lab_user()} may sudo the root helper (sudo -n -l)"):
             _sh(["sudo", "-n", "-l", *helper.split()[1:], "privsep-helper"], user=True)
         with steps.step("root helper runs rootwrap (informational)", required=False):

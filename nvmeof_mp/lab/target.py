@@ -189,6 +189,20 @@ class Target:
         self._ana_groups = {1}
 
 
+def two_path_volume(target, nqn, uuid, size_mb=64):
+    """A subsystem with one namespace on ports 4420 (ANA optimized) and 4421 (non-optimized).
+
+    ``target`` is a Target or a TargetClient (same method names).
+    """
+    target.add_subsystem(nqn)
+    target.add_namespace(nqn, 1, size_mb, uuid, ana_group=1)
+    for port, svc in ((1, 4420), (2, 4421)):
+        target.add_port(port, svc)
+        target.link(port, nqn)
+    target.set_ana_state(1, 1, "optimized")
+    target.set_ana_state(2, 1, "non-optimized")
+
+
 # ---------------------------------------------------------------- agent / client
 
 #: Target methods the agent serves.

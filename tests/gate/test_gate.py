@@ -22,14 +22,18 @@ def portal(port):
 
 
 def one_subsystem(target, nqn=NQN, ports=((1, 4420), (2, 4421)), namespaces=((1, U1),),
-                  size_mb=64, backing=None):
+                  size_mb=64, backing=None, lba=4096, ana=False):
+    """A subsystem on ``ports``; with ``ana`` port 1 is optimized and port 2 non-optimized."""
     target.add_subsystem(nqn)
     for nsid, uuid in namespaces:
-        target.add_namespace(nqn, nsid, size_mb, uuid, ana_group=1, backing=backing)
+        target.add_namespace(nqn, nsid, size_mb, uuid, ana_group=1, backing=backing, lba=lba)
     for pid, svc in ports:
         if str(pid) not in target.state()["ports"]:
             target.add_port(pid, svc)
         target.link(pid, nqn)
+    if ana:
+        target.set_ana_state(1, 1, "optimized")
+        target.set_ana_state(2, 1, "non-optimized")
 
 
 def info(uuid=U1, nqn=NQN, ports=(4420, 4421)):
@@ -94,9 +98,7 @@ def test_single_path(connector, target):
 
 @pytest.mark.native
 def test_native_multipath_two_portals(connector, target):
-    one_subsystem(target)
-    target.set_ana_state(1, 1, "optimized")
-    target.set_ana_state(2, 1, "non-optimized")
+    one_subsystem(target, ana=True)
     result = connector.connect_volume(info())
     assert {p["state"] for p in result["paths"]} == {"live"}
     assert "optimized" in [p["ana_state"] for p in result["paths"]]
@@ -163,11 +165,7 @@ def test_detach_leaves_other_volume_on_subsystem(connector, target):
 @pytest.mark.native
 @pytest.mark.parametrize("lba", [512, 4096])
 def test_extend(connector, target, lba):
-    target.add_subsystem(NQN)
-    target.add_namespace(NQN, 1, 64, U1, ana_group=1, lba=lba)
-    for pid, svc in ((1, 4420), (2, 4421)):
-        target.add_port(pid, svc)
-        target.link(pid, NQN)
+    one_subsystem(target, lba=lba)
     result = connector.connect_volume(info())
     name = os.path.basename(result["path"])
     with open("/sys/block/%s/queue/logical_block_size" % name) as f:
@@ -179,9 +177,7 @@ def test_extend(connector, target, lba):
 
 @pytest.mark.native
 def test_ana_transition_during_io(connector, target):
-    one_subsystem(target)
-    target.set_ana_state(1, 1, "optimized")
-    target.set_ana_state(2, 1, "non-optimized")
+    one_subsystem(target, ana=True)
     result = connector.connect_volume(info())
 
     def ana_of(port):

@@ -58,10 +58,8 @@ class Kernel(abc.ABC):
     def md_create(self, name, devices, raid_devices) -> dict: ...
 
     @abc.abstractmethod
-    def md_assemble(self, name, devices) -> dict: ...
-
-    @abc.abstractmethod
-    def md_add(self, name, device) -> dict: ...
+    def md_assemble(self, name, devices) -> dict:
+        """Assemble or adopt /dev/md/<name> and (re-)add every leg in ``devices``."""
 
     @abc.abstractmethod
     def md_stop(self, name) -> dict: ...
@@ -144,9 +142,6 @@ class PrivilegedKernel(Kernel):
 
     def md_assemble(self, name, devices):
         return self._storage("md_assemble", name, list(devices))
-
-    def md_add(self, name, device):
-        return self._storage("md_add", name, device)
 
     def md_stop(self, name):
         return self._storage("md_stop", name)

@@ -1,7 +1,8 @@
 """RAID1 over ``volume_replicas``: md joins the replicas' block devices.
 
 Create when no leg carries an md superblock (internal bitmap, failfast, ``missing`` for legs
-that could not be attached), assemble when legs already carry one, re-add legs that return.
+that could not be attached); otherwise assemble, or adopt the array udev's incremental
+assembly may already have started, and re-add legs that return.
 The array is ``/dev/md/<alias>``.
 """
 
@@ -26,21 +27,15 @@ def connect(connector, request):
     kernel = connector.kernel
     try:
         with named_lock("md-" + request.alias, connector.lock_path):
-            if replicas.exists(connector, device_path(request)):
-                for leg in legs:
-                    kernel.md_add(request.alias, leg)   # idempotent: active legs are refused
+            if (replicas.exists(connector, device_path(request))
+                    or any(kernel.md_examine(leg) for leg in legs)):
+                # running, auto-assembled by udev, or to assemble: adopt and (re-)add legs
+                replicas.require_ok(kernel.md_assemble(request.alias, legs),
+                                    "mdadm --assemble")
             else:
-                marked = [leg for leg in legs if kernel.md_examine(leg)]
-                if marked:
-                    replicas.require_ok(kernel.md_assemble(request.alias, marked),
-                                        "mdadm --assemble")
-                    for leg in legs:
-                        if leg not in marked:
-                            kernel.md_add(request.alias, leg)
-                else:
-                    replicas.require_ok(
-                        kernel.md_create(request.alias, legs, request.replica_count),
-                        "mdadm --create")
+                replicas.require_ok(
+                    kernel.md_create(request.alias, legs, request.replica_count),
+                    "mdadm --create")
     except ReplicaError:
         replicas.undo(connector, results, "RAID attach of %s failed" % request.alias)
         raise

@@ -7,6 +7,7 @@ Results are ``{'ok': bool, 'out': str, 'error': str}``.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 
@@ -75,16 +76,17 @@ def md_create(name, devices, raid_devices):
     return _run(mdadm_create_argv(name, devices, raid_devices))
 
 
-@privileged.default.entrypoint
-def md_assemble(name, devices):
-    return _run(["mdadm", "--assemble", "--run", "/dev/md/" + alias(name)]
-                + nvme_devices(devices))
+def _holder_md(device):
+    """The md array (``/dev/mdN``) that holds a leg, if any (udev's incremental assembly)."""
+    holders = "/sys/class/block/%s/holders" % os.path.basename(device)
+    try:
+        return next(("/dev/" + h for h in os.listdir(holders) if h.startswith("md")), None)
+    except OSError:
+        return None
 
 
-@privileged.default.entrypoint
-def md_add(name, device):
+def _add_leg(md, dev):
     """Re-add a returning leg (bitmap resync), or add it when re-add is refused."""
-    md, dev = "/dev/md/" + alias(name), nvme_devices([device])[0]
     result = _run(["mdadm", "--manage", md, "--re-add", dev])
     if not result["ok"]:
         result = _run(["mdadm", "--manage", md, "--add", dev])
@@ -92,8 +94,34 @@ def md_add(name, device):
 
 
 @privileged.default.entrypoint
-def md_remove_failed(name):
-    return _run(["mdadm", "--manage", "/dev/md/" + alias(name), "--remove", "failed"])
+def md_assemble(name, devices):
+    """Bring up /dev/md/<name> from legs that carry its superblock, and (re-)add every leg.
+
+    The array may exist already: running (a heal re-adds legs), or started, possibly
+    inactive, by udev's ``mdadm --incremental`` as the legs appeared (assembling would then
+    fail with "busy").  Either way it is adopted: started with ``--run``, failed members
+    removed, missing legs re-added.
+    """
+    md, devices = "/dev/md/" + alias(name), nvme_devices(devices)
+    array = md if os.path.exists(md) else next(
+        (h for h in map(_holder_md, devices) if h), None)
+    if array is None:
+        marked = [d for d in devices if _examine(d)]
+        result = _run(["mdadm", "--assemble", "--run", md] + marked)
+        if not result["ok"]:
+            array = next((h for h in map(_holder_md, devices) if h), None)
+            if array is None:
+                return result
+        else:
+            array = md
+    _run(["mdadm", "--run", array])                      # no-op when already running
+    _run(["mdadm", "--manage", array, "--remove", "failed"])
+    held = {d for d in devices if _holder_md(d)}
+    errors = [r["error"] for r in (_add_leg(array, d) for d in devices if d not in held)
+              if not r["ok"]]
+    active = os.path.exists("/sys/block/%s/md/array_state" % os.path.basename(
+        os.path.realpath(array)))
+    return {"ok": active, "out": "", "error": "; ".join(errors) if not active else ""}
 
 
 @privileged.default.entrypoint
@@ -106,13 +134,17 @@ def md_grow(name):
     return _run(["mdadm", "--grow", "/dev/md/" + alias(name), "--size", "max"])
 
 
-@privileged.default.entrypoint
-def md_examine(device):
-    """``mdadm --examine --export``: does a leg carry an md superblock, and of which array."""
-    result = _run(["mdadm", "--examine", "--export", nvme_devices([device])[0]])
+def _examine(device):
+    result = _run(["mdadm", "--examine", "--export", device])
     if not result["ok"]:
         return None
     return dict(line.split("=", 1) for line in result["out"].splitlines() if "=" in line)
+
+
+@privileged.default.entrypoint
+def md_examine(device):
+    """``mdadm --examine --export``: does a leg carry an md superblock, and of which array."""
+    return _examine(nvme_devices([device])[0])
 
 
 def multipath_table(size_sectors, devnums):

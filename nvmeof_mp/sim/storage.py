@@ -56,30 +56,28 @@ class SimStorage:
         _write(os.path.join(self.sys, "class/block/md%d/size" % minor), str(size))
 
     def md_assemble(self, name, devices):
+        """Assemble from legs with this array's superblock, or adopt the running array;
+        then (re-)add every leg, a failed member giving its slot back."""
         self._count("md_assemble")
         with self.lock:
-            legs = [d for d in devices if self.superblocks.get(self._identity_of(d)) == name]
-            if not legs:
-                return self._fail("mdadm: no devices found for /dev/md/%s" % name)
-            self._md_start(name, legs, 2)
-            return self._ok("mdadm: /dev/md/%s has been started with %d drives." % (name,
-                                                                                  len(legs)))
-
-    def md_add(self, name, device):
-        self._count("md_add")
-        with self.lock:
             if name not in self.md:
-                return self._fail("mdadm: /dev/md/%s does not appear to be an md device" % name)
-            ident = self._identity_of(device)
-            if ident is None:
-                return self._fail("mdadm: cannot find %s" % device)
+                legs = [d for d in devices
+                        if self.superblocks.get(self._identity_of(d)) == name]
+                if not legs:
+                    return self._fail("mdadm: no devices found for /dev/md/%s" % name)
+                self._md_start(name, legs, 2)
             md = self.md[name]
-            for dev, state in list(md["legs"].items()):
-                if state == "faulty" and self._identity_of(dev) in (None, ident):
-                    del md["legs"][dev]        # a failed leg gives its slot back
-            md["legs"][device] = "active"
-            self.superblocks[ident] = name
-            return self._ok("mdadm: re-added %s" % device)
+            for device in devices:
+                ident = self._identity_of(device)
+                if ident is None:
+                    continue
+                for dev, state in list(md["legs"].items()):
+                    if state == "faulty" and self._identity_of(dev) in (None, ident):
+                        del md["legs"][dev]
+                md["legs"][device] = "active"
+                self.superblocks[ident] = name
+            return self._ok("mdadm: /dev/md/%s has been started with %d drives." % (
+                name, len(md["legs"])))
 
     def md_fail(self, name, device):
         """md marks a leg faulty after an I/O error (failfast)."""

@@ -319,3 +319,17 @@ def test_concurrent_attach_detach_of_8_volumes(connector, target):
     record("8 volumes x 2 portals concurrently: attach %.2fs, detach %.2fs"
            % (attach, time.monotonic() - t))
     assert controllers() == {}
+
+
+def test_raid1_reattach_assembles_from_superblocks(connector, target):
+    """Second attach: the legs carry superblocks and udev's incremental assembly may have
+    grabbed them before us; the array must come up either way, with both legs."""
+    raid = {"volume_replicas": replicas(target), "alias": "gatevol2"}
+    first = connector.connect_volume(raid)
+    connector.disconnect_volume(raid, first)
+    assert not os.path.exists("/dev/md/gatevol2")
+    for _ in range(2):
+        again = connector.connect_volume(raid)
+        assert again["path"] == "/dev/md/gatevol2" and not again["degraded"]
+        assert md_degraded(again["path"]) == 0
+        connector.disconnect_volume(raid, again)

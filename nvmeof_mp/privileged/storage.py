@@ -93,35 +93,48 @@ def _add_leg(md, dev):
     return result
 
 
+def _array_state(array):
+    try:
+        name = os.path.basename(os.path.realpath(array))
+        with open("/sys/block/%s/md/array_state" % name) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 @privileged.default.entrypoint
 def md_assemble(name, devices):
     """Bring up /dev/md/<name> from legs that carry its superblock, and (re-)add every leg.
 
-    The array may exist already: running (a heal re-adds legs), or started, possibly
-    inactive, by udev's ``mdadm --incremental`` as the legs appeared (assembling would then
-    fail with "busy").  Either way it is adopted: started with ``--run``, failed members
-    removed, missing legs re-added.
+    The array may exist already: running (a heal re-adds legs), or half-assembled and
+    inactive because udev's ``mdadm --incremental`` grabbed legs as they appeared (our
+    assemble would fail with "busy").  An inactive one is stopped and assembled again from
+    all legs at once (no needless resync); a running one gets its missing legs re-added.
     """
     md, devices = "/dev/md/" + alias(name), nvme_devices(devices)
-    array = md if os.path.exists(md) else next(
-        (h for h in map(_holder_md, devices) if h), None)
-    if array is None:
+    result = {"ok": False, "out": "", "error": "no array"}
+    for _ in range(3):
+        array = md if os.path.exists(md) else next(
+            (h for h in map(_holder_md, devices) if h), None)
+        if array and _array_state(array) == "inactive":
+            _run(["mdadm", "--stop", array])
+            continue
+        if array:
+            break
         marked = [d for d in devices if _examine(d)]
         result = _run(["mdadm", "--assemble", "--run", md] + marked)
-        if not result["ok"]:
-            array = next((h for h in map(_holder_md, devices) if h), None)
-            if array is None:
-                return result
-        else:
+        if result["ok"]:
             array = md
-    _run(["mdadm", "--run", array])                      # no-op when already running
+            break
+    else:
+        return result
     _run(["mdadm", "--manage", array, "--remove", "failed"])
     held = {d for d in devices if _holder_md(d)}
     errors = [r["error"] for r in (_add_leg(array, d) for d in devices if d not in held)
               if not r["ok"]]
-    active = os.path.exists("/sys/block/%s/md/array_state" % os.path.basename(
-        os.path.realpath(array)))
-    return {"ok": active, "out": "", "error": "; ".join(errors) if not active else ""}
+    active = _array_state(array) not in (None, "inactive")
+    return {"ok": active, "out": "", "error": "" if active else "; ".join(errors) or
+            "array %s is not active" % array}
 
 
 @privileged.default.entrypoint

@@ -331,5 +331,6 @@ def test_raid1_reattach_assembles_from_superblocks(connector, target):
     for _ in range(2):
         again = connector.connect_volume(raid)
         assert again["path"] == "/dev/md/gatevol2" and not again["degraded"]
-        assert md_degraded(again["path"]) == 0
+        path = again["path"]
+        assert wait_for(lambda p=path: md_degraded(p) == 0, 30)
         connector.disconnect_volume(raid, again)

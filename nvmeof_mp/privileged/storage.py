@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 
 from nvmeof_mp import privileged
 from nvmeof_mp.exception import PrivilegedArgumentError
@@ -93,6 +94,22 @@ def _add_leg(md, dev):
     return result
 
 
+def _find_array(md, devices):
+    """The array for /dev/md/<name>: its link, mdadm's map (the link may not exist yet while
+    udev works), or the md device holding one of the legs."""
+    if os.path.exists(md):
+        return md
+    try:
+        with open("/run/mdadm/map") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 4 and fields[3] == md:
+                    return "/dev/" + fields[0]
+    except OSError:
+        pass
+    return next((h for h in map(_holder_md, devices) if h), None)
+
+
 def _array_state(array):
     try:
         name = os.path.basename(os.path.realpath(array))
@@ -113,9 +130,8 @@ def md_assemble(name, devices):
     """
     md, devices = "/dev/md/" + alias(name), nvme_devices(devices)
     result = {"ok": False, "out": "", "error": "no array"}
-    for _ in range(3):
-        array = md if os.path.exists(md) else next(
-            (h for h in map(_holder_md, devices) if h), None)
+    for attempt in range(6):
+        array = _find_array(md, devices)
         if array and _array_state(array) == "inactive":
             _run(["mdadm", "--stop", array])
             continue
@@ -126,6 +142,7 @@ def md_assemble(name, devices):
         if result["ok"]:
             array = md
             break
+        time.sleep(0.1 * (attempt + 1))     # udev's incremental assembly is racing us
     else:
         return result
     _run(["mdadm", "--manage", array, "--remove", "failed"])

@@ -83,7 +83,7 @@ class Attacher:
             try:
                 snap, ns = self._wait_device(target, all_portals and len(target.portals) > 1)
             except NVMeOFError:
-                self._remove_controllers(created, "attach of %s failed" % target.describe())
+                self.remove_controllers(created, "attach of %s failed" % target.describe())
                 raise
             attachment = TargetAttachment(
                 target, ns, tuple(created), tuple(f for f in failures
@@ -213,12 +213,13 @@ class Attacher:
                     if not force:
                         return errors
             if ctrls:
-                errors += self._remove_controllers(ctrls, "detach of %s" % target.describe())
+                errors += self.remove_controllers(ctrls, "detach of %s" % target.describe())
             elif ns is not None:
                 LOG.info("Keeping controllers of %s: other namespaces use them", target.nqn)
         return errors
 
-    def _remove_controllers(self, names, why):
+    def remove_controllers(self, names, why):
+        """Delete controllers; returns error texts (logged, not raised)."""
         errors = []
         for name in names:
             err = self.kernel.delete_controller(name)

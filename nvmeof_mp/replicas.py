@@ -39,7 +39,7 @@ def undo(connector, results, why):
     """Remove the controllers these attaches created (nothing left behind after a failure)."""
     for _, att, _ in results:
         if att and att.created:
-            connector.attacher._remove_controllers(att.created, why)
+            connector.attacher.remove_controllers(att.created, why)
 
 
 def exists(connector, path):

@@ -71,13 +71,5 @@ class PrivilegedArgumentError(NVMeOFError, ValueError):
     """A privileged entrypoint refused an argument (defence in depth)."""
 
 
-class DeviceBusy(NVMeOFError):
-    message = "Device %(device)s is in use: %(reason)s"
-
-
 class ReplicaError(NVMeOFError):
     message = "Replicated volume error: %(reason)s"
-
-
-class ExtendError(NVMeOFError):
-    message = "Extending volume failed: %(reason)s"

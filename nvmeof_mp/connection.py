@@ -208,13 +208,18 @@ def _target(info, prefix, inherited=None):
     secrets = {}
     for key in SECRET_KEYS:
         value = info.get(key, inherited.get(key))
-        if value is not None and (not isinstance(value, str) or not _SECRET_RE.match(value)):
+        if value is not None and not valid_secret(value):
             # never echo the value: it is a secret
             raise InvalidConnectionInfo(prefix + key, "not a DH-HMAC-CHAP secret "
                                         "(expected DHHC-1:0N:<base64>:)")
         secrets[key] = value
     return Target(nqn=nqn, portals=portals, uuid=uuid, nguid=nguid, nsid=nsid,
                   host_nqn=host_nqn, **secrets)
+
+
+def valid_secret(value):
+    """Is ``value`` a DH-HMAC-CHAP secret in its transport form (DHHC-1:0N:<base64>:)?"""
+    return isinstance(value, str) and bool(_SECRET_RE.match(value))
 
 
 def validate_nqn(value, key):

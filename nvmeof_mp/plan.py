@@ -115,14 +115,17 @@ def path_report(ns: Namespace | None, snapshot: Snapshot, nqn: str):
     return tuple(reports)
 
 
+def accessible(ana_state):
+    """May I/O use a path in this ANA state?  (None: the target reports no ANA.)"""
+    return ana_state is None or ana_state in ANA_PREFERENCE
+
+
 def usable_path(ns: Namespace, snapshot: Snapshot, nqn: str):
     """True when I/O can flow now: a live controller with an accessible ANA state."""
     states = {c.name: c.state for c in snapshot.controllers(nqn)}
     if ns.controller:
         return states.get(ns.controller) == LIVE
-    return any(states.get(p.controller) == LIVE and (p.ana_state in ANA_PREFERENCE
-                                                       or p.ana_state is None)
-               for p in ns.paths)
+    return any(states.get(p.controller) == LIVE and accessible(p.ana_state) for p in ns.paths)
 
 
 def best_ana_state(ns: Namespace, snapshot: Snapshot, nqn: str):

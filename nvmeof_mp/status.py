@@ -22,8 +22,7 @@ def namespace_status(subsys: Subsystem, ns: Namespace | None, expected_portals=(
                       "fast_io_fail_tmo": c.fast_io_fail_tmo, "kato": c.kato})
     present = {p["portal"] for p in paths}
     missing = [str(p) for p in expected_portals if str(p) not in present]
-    usable = [p for p in paths if p["state"] == "live"
-              and p["ana_state"] in (None, "optimized", "non-optimized")]
+    usable = [p for p in paths if p["state"] == "live" and planner.accessible(p["ana_state"])]
     if ns is None or not usable:
         verdict = DOWN
     elif len(usable) < len(paths) or missing:

@@ -185,11 +185,6 @@ class SysfsReader:
             subsystems.append(self._subsystem(name, sdir, nqn))
         return Snapshot(tuple(sorted(subsystems, key=lambda s: _natural(s.name))))
 
-    def native_multipath(self):
-        value = read_attr(os.path.join(self.sys_root, "module", "nvme_core", "parameters",
-                                   "multipath"))
-        return value == "Y"
-
     def _subsystem(self, name, sdir, nqn):
         entries = listdir(sdir)
         controllers, paths_by_head, plain = [], {}, []

@@ -46,13 +46,13 @@ def forks():
 
 def make_connector(lib, root_helper):
     if lib.startswith("ours"):
+        import dataclasses
+        from nvmeof_mp import config
         from nvmeof_mp.connector import NVMeOFConnector
-        conn = NVMeOFConnector(root_helper=root_helper, use_multipath=True)
+        policy = config.policy_from_conf()
         if lib == "ours-noudev":        # the same without waiting for udev
-            import dataclasses
-            conn.policy = conn.attacher.policy = dataclasses.replace(conn.policy,
-                                                                     wait_for_udev=False)
-        return conn
+            policy = dataclasses.replace(policy, wait_for_udev=False)
+        return NVMeOFConnector(root_helper=root_helper, use_multipath=True, policy=policy)
     from os_brick.initiator import connector
     return connector.InitiatorConnector.factory("NVMEOF", root_helper, use_multipath=True)
 

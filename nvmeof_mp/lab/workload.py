@@ -81,11 +81,8 @@ def verify(device, expected):
 
 
 def native_multipath():
-    try:
-        with open("/sys/module/nvme_core/parameters/multipath") as f:
-            return f.read().strip() == "Y"
-    except OSError:
-        return False
+    from nvmeof_mp.hostinfo import HostInfo
+    return HostInfo().native_multipath()
 
 
 def wait_for(check, timeout, interval=0.2):

@@ -56,7 +56,7 @@ def connect_options(opts):
         out[key] = value
     for key in connection.SECRET_KEYS:
         value = opts.get(key)
-        if value is not None and not connection._SECRET_RE.match(str(value)):
+        if value is not None and not connection.valid_secret(value):
             raise PrivilegedArgumentError("%s is malformed" % key)   # never echo a secret
         out[key] = value
     return out

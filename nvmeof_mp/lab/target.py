@@ -162,6 +162,9 @@ class Target:
                       for s in (self.root / "subsystems").iterdir()}
         return {"ports": ports, "subsystems": subsystems}
 
+    def cleanup_initiator(self) -> list:
+        return cleanup_initiator()
+
     def teardown(self) -> None:
         """Remove every port, subsystem and host in dependency order (links first)."""
         for port in (self.root / "ports").iterdir():
@@ -189,6 +192,27 @@ class Target:
         self._ana_groups = {1}
 
 
+def cleanup_initiator():
+    """Remove what a failed test left on the initiator side (md arrays, our dm maps, every
+    controller), so one failure does not cascade into the next tests.  Returns what it did."""
+    done = []
+    for md in sorted(d for d in os.listdir("/sys/block") if d.startswith("md")):
+        subprocess.run(["mdadm", "--stop", "/dev/" + md], capture_output=True)
+        done.append(md)
+    for dm in sorted(d for d in os.listdir("/sys/block") if d.startswith("dm-")):
+        name = Path("/sys/block/%s/dm/name" % dm).read_text().strip()
+        subprocess.run(["dmsetup", "message", name, "0", "fail_if_no_path"], capture_output=True)
+        subprocess.run(["dmsetup", "remove", "--retry", name], capture_output=True)
+        done.append(name)
+    for ctrl in sorted(os.listdir("/sys/class/nvme")):
+        try:
+            _write(Path("/sys/class/nvme") / ctrl / "delete_controller", 1)
+            done.append(ctrl)
+        except OSError:
+            pass
+    return done
+
+
 def two_path_volume(target, nqn, uuid, size_mb=64):
     """A subsystem with one namespace on ports 4420 (ANA optimized) and 4421 (non-optimized).
 
@@ -208,7 +232,7 @@ def two_path_volume(target, nqn, uuid, size_mb=64):
 #: Target methods the agent serves.
 AGENT_OPS = ("add_subsystem", "allow_host", "add_namespace", "resize_namespace",
              "remove_namespace", "add_port", "link", "unlink", "set_ana_state", "state",
-             "teardown")
+             "teardown", "cleanup_initiator")
 
 
 class TargetAgent:

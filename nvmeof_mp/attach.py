@@ -17,7 +17,7 @@ from nvmeof_mp.connection import Portal, Target
 from nvmeof_mp.exception import (AlreadyConnected, NVMeOFError, PortalConnectError,
                                  TargetUnreachable, VolumeDeviceNotFound)
 from nvmeof_mp.locks import subsystem_lock
-from nvmeof_mp.topology import Namespace, Snapshot, udev_done
+from nvmeof_mp.topology import Namespace, Snapshot, can_open_rw, udev_settled
 from nvmeof_mp.waiting import poll
 
 LOG = logging.getLogger(__name__)
@@ -54,8 +54,10 @@ class TargetAttachment:
 class Attacher:
     """Executes connect/disconnect plans for single targets."""
 
-    def __init__(self, kernel, sysfs, clock, policy, host_identity, lock_path=None, root="/"):
+    def __init__(self, kernel, sysfs, clock, policy, host_identity, lock_path=None, root="/",
+                 can_open=can_open_rw):
         self.root = root
+        self.can_open = can_open                # permission check of the calling process
         self.kernel = kernel
         self.sysfs = sysfs
         self.clock = clock
@@ -81,7 +83,8 @@ class Attacher:
                     isinstance(f, AlreadyConnected) for f in failures):
                 raise TargetUnreachable(target.nqn, failures)
             try:
-                snap, ns = self._wait_device(target, all_portals and len(target.portals) > 1)
+                snap, ns = self._wait_device(target, all_portals and len(target.portals) > 1,
+                                             replica_leg)
             except NVMeOFError:
                 self.remove_controllers(created, "attach of %s failed" % target.describe())
                 raise
@@ -155,8 +158,10 @@ class Attacher:
         return PortalConnectError(portal, result.get("error") or "unknown error",
                                   result.get("errno"))
 
-    def _wait_device(self, target: Target, multipath: bool) -> tuple[Snapshot, Namespace]:
-        """Poll sysfs until the namespace is visible with a usable path (and udev is done).
+    def _wait_device(self, target: Target, multipath: bool,
+                     replica_leg: bool) -> tuple[Snapshot, Namespace]:
+        """Poll sysfs until the namespace is visible with a usable path (and udev is done,
+        see ``policy.UDEV_MODES``).
 
         With several portals an optimized path is awaited for ``policy.ana_wait`` seconds;
         after that a non-optimized one is accepted.  Other new paths are not awaited: the
@@ -164,15 +169,16 @@ class Attacher:
         """
         start = self.clock.monotonic()
         seen = {}
+        can_open = None if replica_leg else self.can_open
 
         def ready():
-            snap = self.sysfs.snapshot([target.nqn])
+            snap = self.sysfs.snapshot([target.nqn], detail=False)
             ns = planner.find_namespace(target, snap)
             seen["snap"], seen["ns"] = snap, ns
             if ns is None or not planner.usable_path(ns, snap, target.nqn):
                 return None
             seen.setdefault("visible", self.clock.monotonic() - start)
-            if self.policy.wait_for_udev and not udev_done(self.root, ns.name):
+            if not udev_settled(self.root, ns.name, self.policy.wait_for_udev, can_open):
                 return None
             seen.setdefault("udev", self.clock.monotonic() - start)
             if (multipath and ns.paths
@@ -183,7 +189,7 @@ class Attacher:
 
         found = poll(ready, self.policy.device_timeout, self.clock)
         if found:
-            LOG.debug("%s ready after %.3fs (usable %.3fs, udev done %.3fs)", found[1].device,
+            LOG.debug("%s ready after %.3fs (usable %.3fs, udev settled %.3fs)", found[1].device,
                       self.clock.monotonic() - start, seen.get("visible", -1),
                       seen.get("udev", -1))
             return found

@@ -31,7 +31,7 @@ class NVMeOFConnector:
     def __init__(self, root_helper=None, driver=None, use_multipath=False,
                  device_scan_attempts=5, *args, kernel=None, root="/",
                  clock=None, policy=None, lock_path=None, connect_method=None, conf=None,
-                 **kwargs):
+                 can_open=None, **kwargs):
         self._root_helper = root_helper
         self.driver = driver
         self.use_multipath = use_multipath
@@ -54,8 +54,9 @@ class NVMeOFConnector:
         self.lock_path = lock_path
         self._identity = None
         self._identity_lock = threading.Lock()
+        kw = {"can_open": can_open} if can_open else {}
         self.attacher = Attacher(kernel, self.sysfs, self.clock, self.policy,
-                                 self.host_identity, lock_path, root)
+                                 self.host_identity, lock_path, root, **kw)
 
     # -- properties ----------------------------------------------------------------------------
 
@@ -80,8 +81,11 @@ class NVMeOFConnector:
             return self._identity
 
     def wait_udev(self, path, timeout=10.0):
-        """Wait until udev has processed the device behind ``path`` (md, dm: see udev_done)."""
-        if not self.policy.wait_for_udev:
+        """Wait until udev has processed the device behind ``path`` (md, dm: see udev_done).
+
+        Only "never" skips this: the md and dm paths handed out are links udev makes.
+        """
+        if self.policy.wait_for_udev == "never":
             return
         from nvmeof_mp.topology import udev_done
         from nvmeof_mp.waiting import poll

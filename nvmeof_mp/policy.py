@@ -12,6 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 
+# When is a new block device handed out?  "always": once udev processed it (mode, group,
+# /dev/disk links); "never": as soon as the kernel shows it; "auto": once udev processed it,
+# or earlier when the calling process can already open it (root, typically) - except replica
+# legs, which always wait so udev's own md assembly cannot race with ours.
+UDEV_MODES = ("auto", "always", "never")
+
 
 @dataclasses.dataclass(frozen=True)
 class TimeoutPolicy:
@@ -23,7 +29,14 @@ class TimeoutPolicy:
     leg_fast_io_fail_tmo: int | None = 1     # RAID and DeviceMapper legs
     device_timeout: float = 30.0             # how long to wait for the block device
     ana_wait: float = 1.0                    # how long to wait for an optimized path
-    wait_for_udev: bool = True               # return devices only once udev processed them
+    wait_for_udev: str = "auto"              # see UDEV_MODES
+
+    def __post_init__(self):
+        mode = {True: "always", False: "never"}.get(self.wait_for_udev, self.wait_for_udev)
+        if mode not in UDEV_MODES:
+            raise ValueError("wait_for_udev must be one of %s, not %r"
+                             % (", ".join(UDEV_MODES), self.wait_for_udev))
+        object.__setattr__(self, "wait_for_udev", mode)
 
     def controller_options(self, replica_leg: bool):
         opts = {"ctrl_loss_tmo": self.ctrl_loss_tmo, "reconnect_delay": self.reconnect_delay,

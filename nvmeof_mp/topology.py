@@ -171,10 +171,12 @@ class SysfsReader:
         self._nqn_cache = cache
         return out
 
-    def snapshot(self, nqns: Iterable[str] | None = None) -> Snapshot:
+    def snapshot(self, nqns: Iterable[str] | None = None, detail=True) -> Snapshot:
         """Snapshot of every subsystem, or only those whose NQN is in ``nqns``.
 
         Narrowing matters at scale: unrelated subsystems cost one cached directory entry.
+        ``detail=False`` skips what only planning needs (host NQN/ID, cntlid, timeouts, wwid):
+        the readiness poll reads half the files, and under emulation each read costs ~1 ms.
         """
         wanted = set(nqns) if nqns is not None else None
         subsystems = []
@@ -182,16 +184,16 @@ class SysfsReader:
             if wanted is not None and nqn not in wanted:
                 continue
             sdir = os.path.join(self.subsys_dir, name)
-            subsystems.append(self._subsystem(name, sdir, nqn))
+            subsystems.append(self._subsystem(name, sdir, nqn, detail))
         return Snapshot(tuple(sorted(subsystems, key=lambda s: _natural(s.name))))
 
-    def _subsystem(self, name, sdir, nqn):
+    def _subsystem(self, name, sdir, nqn, detail):
         entries = listdir(sdir)
         controllers, paths_by_head, plain = [], {}, []
         for entry in entries:
             if not _CTRL_RE.match(entry):
                 continue
-            ctrl = self._controller(entry, nqn)
+            ctrl = self._controller(entry, nqn, detail)
             if ctrl is None:
                 continue
             controllers.append(ctrl)
@@ -205,14 +207,14 @@ class SysfsReader:
                         sub, entry, read_attr(os.path.join(pdir, "ana_state")),
                         read_attr(os.path.join(pdir, "ana_grpid"))))
                 elif _HEAD_RE.match(sub):
-                    ns = _namespace(sub, name, os.path.join(cdir, sub), controller=entry)
+                    ns = _namespace(sub, name, os.path.join(cdir, sub), detail, controller=entry)
                     if ns is not None:
                         plain.append(ns)
         heads = []
         for entry in entries:
             if _HEAD_RE.match(entry):
                 paths = tuple(sorted(paths_by_head.get(entry, ()), key=lambda p: _natural(p.name)))
-                ns = _namespace(entry, name, os.path.join(sdir, entry), paths=paths)
+                ns = _namespace(entry, name, os.path.join(sdir, entry), detail, paths=paths)
                 if ns is not None:
                     heads.append(ns)
         namespaces = sorted(heads + plain, key=lambda n: _natural(n.name))
@@ -220,7 +222,7 @@ class SysfsReader:
                          tuple(sorted(controllers, key=lambda c: _natural(c.name))),
                          tuple(namespaces))
 
-    def _controller(self, name, nqn):
+    def _controller(self, name, nqn, detail):
         cdir = os.path.join(self.ctrl_dir, name)
         state = read_attr(os.path.join(cdir, "state"))
         if state is None:
@@ -228,15 +230,17 @@ class SysfsReader:
         addr = parse_address(read_attr(os.path.join(cdir, "address")) or "")
 
         def attr(a):
-            return read_attr(os.path.join(cdir, a))
+            return read_attr(os.path.join(cdir, a)) if detail else None
+        # listed under its subsystem, so its NQN is the subsystem's: no subsysnqn read
         return Controller(
-            name=name, nqn=attr("subsysnqn") or nqn, state=state,
-            transport=attr("transport") or "", traddr=addr.get("traddr"),
-            trsvcid=addr.get("trsvcid"), hostnqn=attr("hostnqn"), hostid=attr("hostid"),
-            host_traddr=addr.get("host_traddr"), host_iface=addr.get("host_iface"),
-            src_addr=addr.get("src_addr"), cntlid=attr("cntlid"),
-            ctrl_loss_tmo=attr("ctrl_loss_tmo"), reconnect_delay=attr("reconnect_delay"),
-            fast_io_fail_tmo=attr("fast_io_fail_tmo"), kato=attr("kato"))
+            name=name, nqn=nqn, state=state,
+            transport=read_attr(os.path.join(cdir, "transport")) or "",
+            traddr=addr.get("traddr"), trsvcid=addr.get("trsvcid"), hostnqn=attr("hostnqn"),
+            hostid=attr("hostid"), host_traddr=addr.get("host_traddr"),
+            host_iface=addr.get("host_iface"), src_addr=addr.get("src_addr"),
+            cntlid=attr("cntlid"), ctrl_loss_tmo=attr("ctrl_loss_tmo"),
+            reconnect_delay=attr("reconnect_delay"), fast_io_fail_tmo=attr("fast_io_fail_tmo"),
+            kato=attr("kato"))
 
 
 def udev_done(root, devname):
@@ -252,6 +256,23 @@ def udev_done(root, devname):
     return dev is None or os.path.exists(os.path.join(root, "run/udev/data", "b" + dev))
 
 
+def udev_settled(root, devname, mode, can_open=None):
+    """May a new device be handed out yet, as far as udev goes (``policy.UDEV_MODES``)?
+
+    ``can_open(path)`` says whether the calling process can open the node already; it is
+    only asked in "auto" mode and left out for replica legs.
+    """
+    if mode == "never" or udev_done(root, devname):
+        return True
+    return (mode == "auto" and can_open is not None
+            and can_open(os.path.join(root, "dev", devname)))
+
+
+def can_open_rw(path):
+    """Can this process open ``path`` for reading and writing (real permission check)?"""
+    return os.access(path, os.R_OK | os.W_OK)
+
+
 def parse_address(text):
     """``traddr=1.2.3.4,trsvcid=4420,src_addr=..`` -> dict (missing keys stay missing)."""
     out = {}
@@ -262,7 +283,7 @@ def parse_address(text):
     return out
 
 
-def _namespace(name, subsystem, ndir, paths=(), controller=None):
+def _namespace(name, subsystem, ndir, detail=True, paths=(), controller=None):
     size = read_attr(os.path.join(ndir, "size"))
     if size is None:
         return None
@@ -271,7 +292,7 @@ def _namespace(name, subsystem, ndir, paths=(), controller=None):
         name=name, subsystem=subsystem, nsid=int(nsid) if nsid and nsid.isdigit() else None,
         uuid=_norm_id(read_attr(os.path.join(ndir, "uuid"))),
         nguid=_norm_id(read_attr(os.path.join(ndir, "nguid"))),
-        wwid=read_attr(os.path.join(ndir, "wwid")), size_sectors=int(size or 0),
+        wwid=read_attr(os.path.join(ndir, "wwid")) if detail else None, size_sectors=int(size or 0),
         paths=paths, controller=controller)
 
 

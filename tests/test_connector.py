@@ -423,12 +423,49 @@ def test_dhchap_secret_reaches_the_kernel_but_no_log(lab, caplog):
     assert secret not in caplog.text
 
 
-def test_udev_wait_can_be_turned_off(make_lab):
+def _attach_time(lab, info, mode=None, root=False):
     import dataclasses
+    lab.sim.caller_root = root
+    conn = lab.connector if mode is None else lab.new_connector(
+        policy=dataclasses.replace(lab.connector.policy, wait_for_udev=mode))
+    start = lab.sim.clock.now
+    result = conn.connect_volume(info)
+    return lab.sim.clock.now - start, result
+
+
+@pytest.mark.parametrize("mode,root,waits", [
+    ("never", False, False),
+    ("auto", True, False),        # root can open the node before udev chmods it
+    ("auto", False, True),        # the default service user cannot: wait
+    ("always", True, True),
+])
+def test_udev_wait_modes(make_lab, mode, root, waits):
     lab = make_lab(udev_delay=0.7)
     lab.target()
-    conn = lab.new_connector(policy=dataclasses.replace(lab.connector.policy,
-                                                        wait_for_udev=False))
-    start = lab.sim.clock.now
-    conn.connect_volume(conninfo())
-    assert lab.sim.clock.now - start < 0.7
+    took, result = _attach_time(lab, conninfo(), mode, root)
+    assert (took >= 0.7) is waits
+    node = os.path.join(lab.root, result["path"].lstrip("/"))
+    assert lab.sim.can_open(node) is (root or waits)    # "never" may hand out a root-only node
+
+
+def test_auto_udev_wait_still_waits_for_replica_legs(make_lab):
+    """Legs must be udev-processed before mdadm touches them, even for a root caller."""
+    from test_replicated import raid_info
+    lab = make_lab(udev_delay=0.7)
+    lab.target(nqn=NQN + "-a", ports=(4420,), namespaces=((1, UUID),))
+    lab.target(nqn=NQN + "-b", ports=(4421,), namespaces=((1, UUID2),))
+    took, result = _attach_time(lab, raid_info(), root=True)
+    assert result["path"] == "/dev/md/vol1" and took >= 0.7
+    for leg in lab.sim.md["vol1"]["legs"]:
+        dev = lab.sysfs("class/block", os.path.basename(leg), "dev")
+        assert os.path.exists(os.path.join(lab.root, "run/udev/data", "b" + dev))
+
+
+def test_wait_for_udev_accepts_booleans_and_refuses_nonsense():
+    from nvmeof_mp.policy import TimeoutPolicy
+    assert TimeoutPolicy(wait_for_udev=True).wait_for_udev == "always"
+    assert TimeoutPolicy(wait_for_udev=False).wait_for_udev == "never"
+    with pytest.raises(ValueError, match="wait_for_udev"):
+        TimeoutPolicy(wait_for_udev="sometimes")
+
+

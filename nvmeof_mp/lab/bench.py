@@ -248,9 +248,9 @@ def import_costs(python_for, results):
 
 
 def table(results):
-    """ours = default (waits for udev); 'no udev' = wait_for_udev off; floor = kernel alone."""
+    """ours = default (root: no udev wait); 'udev' = wait_for_udev always; floor = kernel."""
     lines = ["%-36s %7s %8s %8s %7s %8s %8s %8s" % (
-        "scenario", "ours s", "no udev", "os-brick", "floor", "ours/osb", "ours/flr",
+        "scenario", "ours s", "w/ udev", "os-brick", "floor", "ours/osb", "ours/flr",
         "priv/att")]
     for name, r in results.items():
         m = r.get("median") if isinstance(r, dict) else None
@@ -260,7 +260,7 @@ def table(results):
             ours = m["ours"].get(op)
             if ours is None:
                 continue
-            nu = m.get("ours-noudev", {}).get(op)
+            nu = m.get("ours-udev", {}).get(op)
             osb = m.get("osbrick", {}).get(op)
             floor = m.get("floor_fabrics", {}).get(op)
             calls = m["ours"].get("calls") if op == "attach" else None
@@ -296,7 +296,7 @@ def main(argv=None):
         if "cold" in want:
             cold_vs_warm(python_for, root_helper_for, results)
         workers = [Worker(lib, python_for[lib], root_helper_for[lib]) for lib in python_for]
-        workers.append(Worker("ours-noudev", python_for["ours"], root_helper_for["ours"]))
+        workers.append(Worker("ours-udev", python_for["ours"], root_helper_for["ours"]))
         for w in workers:
             w.call(op="init")
             a = w.call(op="attach", infos=[info(0, 1)], threads=1)     # past first-call costs

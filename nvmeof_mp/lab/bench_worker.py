@@ -50,8 +50,8 @@ def make_connector(lib, root_helper):
         from nvmeof_mp import config
         from nvmeof_mp.connector import NVMeOFConnector
         policy = config.policy_from_conf()
-        if lib == "ours-noudev":        # the same without waiting for udev
-            policy = dataclasses.replace(policy, wait_for_udev=False)
+        if lib == "ours-udev":      # what a caller that cannot open a fresh node waits
+            policy = dataclasses.replace(policy, wait_for_udev="always")
         return NVMeOFConnector(root_helper=root_helper, use_multipath=True, policy=policy)
     from os_brick.initiator import connector
     return connector.InitiatorConnector.factory("NVMEOF", root_helper, use_multipath=True)

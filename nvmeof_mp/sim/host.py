@@ -120,6 +120,8 @@ class SimHost(SimStorage, Kernel):
         self.connect_cost = connect_cost
         self.native = native_multipath
         self.udev_delay = udev_delay  # None: no udev running; else seconds to process an event
+        # the connector's process: a service user in group disk (like the gate's), or root
+        self.caller_root = False
         if udev_delay is not None:
             _write(os.path.join(root, "run/udev/control"), "")
         self.targets = {}
@@ -410,10 +412,27 @@ class SimHost(SimStorage, Kernel):
             _write(os.path.join(d, attr), value)
         os.symlink(link, os.path.join(self.sys, "class/block", name))
         if dev_node:
-            _write(os.path.join(self.root, "dev", name), "")
-            if self.udev_delay is not None:
+            node = os.path.join(self.root, "dev", name)
+            _write(node, "")
+            if self.udev_delay is None:
+                os.chmod(node, 0o660)
+            else:                       # devtmpfs makes it root-only; udev sets group disk
+                os.chmod(node, 0o600)
                 data = os.path.join(self.root, "run/udev/data", "b" + attrs["dev"])
-                self.clock.at(self.udev_delay, lambda: _write(data, "E:ID_NSID=1"))
+                self.clock.at(self.udev_delay, lambda: self._udev_processed(node, data))
+
+    @staticmethod
+    def _udev_processed(node, data):
+        _write(data, "E:ID_NSID=1")
+        os.chmod(node, 0o660)
+
+    def can_open(self, path):
+        """The caller's permission check: root, or group disk once udev set mode 0660."""
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            return False
+        return self.caller_root or mode & 0o060 == 0o060
 
     def _resize_devices(self, ctrl, ns):
         for d in (self._path_dir(ctrl, ns.nsid), self._device_dir(ctrl, ns.nsid)):

@@ -104,6 +104,10 @@ class PathReport:
     state: str
     ana_state: str | None
 
+    def as_dict(self):
+        return {"controller": self.controller, "portal": self.portal, "state": self.state,
+                "ana_state": self.ana_state}
+
 
 def path_report(ns: Namespace | None, snapshot: Snapshot, nqn: str):
     """One entry per controller of the subsystem, with the ANA state of ``ns`` on it."""

@@ -175,7 +175,8 @@ class SysfsReader:
         """Snapshot of every subsystem, or only those whose NQN is in ``nqns``.
 
         Narrowing matters at scale: unrelated subsystems cost one cached directory entry.
-        ``detail=False`` skips what only planning needs (host NQN/ID, cntlid, timeouts, wwid):
+        ``detail=False`` skips what only planning and reports need (host NQN/ID, cntlid,
+        timeouts, wwid, ANA group, iopolicy):
         the readiness poll reads half the files, and under emulation each read costs ~1 ms.
         """
         wanted = set(nqns) if nqns is not None else None
@@ -205,7 +206,7 @@ class SysfsReader:
                     pdir = os.path.join(cdir, sub)
                     paths_by_head.setdefault(head, []).append(Path(
                         sub, entry, read_attr(os.path.join(pdir, "ana_state")),
-                        read_attr(os.path.join(pdir, "ana_grpid"))))
+                        read_attr(os.path.join(pdir, "ana_grpid")) if detail else None))
                 elif _HEAD_RE.match(sub):
                     ns = _namespace(sub, name, os.path.join(cdir, sub), detail, controller=entry)
                     if ns is not None:
@@ -218,7 +219,7 @@ class SysfsReader:
                 if ns is not None:
                     heads.append(ns)
         namespaces = sorted(heads + plain, key=lambda n: _natural(n.name))
-        return Subsystem(name, nqn, read_attr(os.path.join(sdir, "iopolicy")),
+        return Subsystem(name, nqn, read_attr(os.path.join(sdir, "iopolicy")) if detail else None,
                          tuple(sorted(controllers, key=lambda c: _natural(c.name))),
                          tuple(namespaces))
 

@@ -8,6 +8,7 @@ import pytest
 from nvmeof_mp.exception import (InvalidConnectionInfo, NVMeOFError, TargetUnreachable,
                                  VolumeDeviceNotFound)
 from nvmeof_mp.sim import SimNamespace
+from nvmeof_mp.sim.host import HOST_NQN
 
 from simlab import NQN, P1, UUID, UUID2, conninfo
 
@@ -484,3 +485,19 @@ def test_native_portals_are_connected_concurrently(lab, monkeypatch):
     result = lab.connector.connect_volume(conninfo())
     assert not result["degraded"] and result["failed_portals"] == []
     assert [p["state"] for p in result["paths"]] == ["live", "live"]
+
+
+def test_light_snapshot_reads_only_what_readiness_needs(lab):
+    lab.target()
+    lab.connector.connect_volume(conninfo())
+    full = lab.connector.sysfs.snapshot([NQN])
+    light = lab.connector.sysfs.snapshot([NQN], detail=False)
+    assert [c.hostnqn for c in full.controllers()] == [HOST_NQN] * 2
+    assert [c.hostnqn for c in light.controllers()] == [None, None]
+    # what readiness and the path report use is the same in both
+    assert [(c.name, c.state, c.portal) for c in light.controllers()] == [
+        (c.name, c.state, c.portal) for c in full.controllers()]
+    assert [(n.name, n.uuid, n.size_sectors, [(p.name, p.ana_state) for p in n.paths])
+            for n in light.namespaces()] == [
+        (n.name, n.uuid, n.size_sectors, [(p.name, p.ana_state) for p in n.paths])
+        for n in full.namespaces()]

@@ -212,20 +212,27 @@ def processes_scenario(python_for, root_helper_for, infos, runs, results, name):
         "%s=%.2fs" % (lib, m["attach"]) for lib, m in med.items())), flush=True)
 
 
-def cold_vs_warm(python_for, root_helper_for, results):
-    """A new process: daemon start, first attach, second attach."""
+def cold_vs_warm(python_for, root_helper_for, results, processes=3):
+    """Fresh processes: daemon start, first attach, then warm attaches (medians over
+    ``processes``: one first attach is a single sample of a noisy kernel)."""
     out = {}
     for lib in python_for:
-        w = Worker(lib, python_for[lib], root_helper_for[lib])
-        init = w.call(op="init")["wall"]
-        times = []
-        for _ in range(3):
-            a = w.call(op="attach", infos=[info(0, 2)], threads=1)
-            w.call(op="detach", infos=[info(0, 2)], devices=a["result"], threads=1)
-            times.append(a["wall"])
-        w.close()
-        out[lib] = {"daemon_start": init, "first_attach": times[0],
-                    "warm_attach": statistics.median(times[1:])}
+        starts, firsts, warms = [], [], []
+        for _ in range(processes):
+            w = Worker(lib, python_for[lib], root_helper_for[lib])
+            starts.append(w.call(op="init")["wall"])
+            times = []
+            for _ in range(3):
+                a = w.call(op="attach", infos=[info(0, 2)], threads=1)
+                w.call(op="detach", infos=[info(0, 2)], devices=a["result"], threads=1)
+                times.append(a["wall"])
+            w.close()
+            firsts.append(times[0])
+            warms += times[1:]
+        out[lib] = {"daemon_start": statistics.median(starts),
+                    "first_attach": statistics.median(firsts),
+                    "warm_attach": statistics.median(warms),
+                    "all_first": firsts, "all_warm": warms}
     results["cold_vs_warm"] = out
     print("bench: cold vs warm %s" % json.dumps(out), flush=True)
 
@@ -268,6 +275,16 @@ def table(results):
                 "%s %s" % (name, op), ours, _f(nu), _f(osb), _f(floor),
                 _f(osb and ours / osb), _f(floor and ours / floor),
                 "%.1f" % calls if calls is not None else "-"))
+    cold = results.get("cold_vs_warm", {})
+    for lib, c in cold.items():
+        lines.append("%-8s cold: daemon start %.2fs, first attach %.2fs, warm %.2fs (%.2fx)" % (
+            lib, c["daemon_start"], c["first_attach"], c["warm_attach"],
+            c["first_attach"] / c["warm_attach"]))
+    proc = results.get("cold_process")
+    if proc:
+        lines.append("cold process: nvmeof-mp properties %.2fs, import os-brick connector "
+                     "%.2fs (%.2fx)" % (proc["ours_properties"], proc["osbrick_import_connector"],
+                                        proc["ours_properties"] / proc["osbrick_import_connector"]))
     return "\n".join(lines)
 
 

@@ -185,6 +185,8 @@ class Attacher:
         can_open = None if replica_leg else self.can_open
 
         def ready():
+            if seen.get("ns") is None and not self.sysfs.has_namespaces(target.nqn):
+                return None
             snap = self.sysfs.snapshot([target.nqn], detail=False)
             ns = planner.find_namespace(target, snap)
             seen["snap"], seen["ns"] = snap, ns

@@ -188,6 +188,21 @@ class SysfsReader:
             subsystems.append(self._subsystem(name, sdir, nqn, detail))
         return Snapshot(tuple(sorted(subsystems, key=lambda s: _natural(s.name))))
 
+    def has_namespaces(self, nqn) -> bool:
+        """Does any subsystem with ``nqn`` show a namespace yet?  A few directory listings:
+        the cheap first question of a readiness poll, before a full snapshot."""
+        for name, sub_nqn in self._subsystem_nqns():
+            if sub_nqn != nqn:
+                continue
+            entries = listdir(os.path.join(self.subsys_dir, name))
+            if any(_HEAD_RE.match(e) for e in entries):
+                return True
+            for ctrl in entries:        # native multipath off: namespaces per controller
+                if _CTRL_RE.match(ctrl) and any(
+                        _HEAD_RE.match(e) for e in listdir(os.path.join(self.ctrl_dir, ctrl))):
+                    return True
+        return False
+
     def _subsystem(self, name, sdir, nqn, detail):
         entries = listdir(sdir)
         controllers, paths_by_head, plain = [], {}, []
@@ -263,10 +278,11 @@ def udev_settled(root, devname, mode, can_open=None):
     ``can_open(path)`` says whether the calling process can open the node already; it is
     only asked in "auto" mode and left out for replica legs.
     """
-    if mode == "never" or udev_done(root, devname):
+    if mode == "never":
         return True
-    return (mode == "auto" and can_open is not None
-            and can_open(os.path.join(root, "dev", devname)))
+    if mode == "auto" and can_open is not None and can_open(os.path.join(root, "dev", devname)):
+        return True
+    return udev_done(root, devname)
 
 
 def can_open_rw(path):

@@ -501,3 +501,18 @@ def test_light_snapshot_reads_only_what_readiness_needs(lab):
             for n in light.namespaces()] == [
         (n.name, n.uuid, n.size_sectors, [(p.name, p.ana_state) for p in n.paths])
         for n in full.namespaces()]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_has_namespaces_is_the_cheap_form_of_the_snapshot(make_lab, native):
+    lab = make_lab(native=native)
+    lab.target()
+    reader = lab.connector.sysfs
+    assert not reader.has_namespaces(NQN)
+    lab.sim.ns_delay = 5.0                       # controllers live, namespace scan pending
+    lab.connector.kernel.connect(dict(nqn=NQN, traddr="127.0.0.1", trsvcid="4420",
+                                      transport="tcp"))
+    assert reader.snapshot([NQN]).controllers() and not reader.has_namespaces(NQN)
+    lab.sim.clock.sleep(5.0)
+    assert reader.has_namespaces(NQN) and reader.snapshot([NQN]).namespaces()
+    assert not reader.has_namespaces(NQN + "-other")

@@ -87,6 +87,8 @@ def test_single_path(connector, target):
     one_subsystem(target, ports=((1, 4420),))
     result = connector.connect_volume(info(ports=(4420,)))
     assert result["path"].startswith("/dev/nvme") and os.path.exists(result["path"])
+    # we are not root: wait_for_udev=auto must have waited until udev let group disk in
+    assert os.getuid() != 0 and os.access(result["path"], os.R_OK | os.W_OK)
     w = Writer(result["path"])
     w.start()
     time.sleep(0.5)

@@ -7,9 +7,7 @@ wait for the kernel (adaptive polling under a deadline) -> result.  All of it un
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import threading
 
 from oslo_log import log as logging
 
@@ -22,19 +20,6 @@ from nvmeof_mp.topology import Namespace, Snapshot, can_open_rw, udev_settled
 from nvmeof_mp.waiting import poll
 
 LOG = logging.getLogger(__name__)
-_POOL = None
-_POOL_LOCK = threading.Lock()
-
-
-def connect_pool():
-    """One process-wide pool for portal connects: threads are made once, not per attach
-    (under emulation starting two threads costs ~10 ms, a fifth of an attach's CPU)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=32,
-                                                          thread_name_prefix="nvmeof-connect")
-        return _POOL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,47 +114,61 @@ class Attacher:
         return host_nqn, host_id
 
     def _connect(self, plan, host_nqn, host_id, replica_leg):
-        """Connect the planned portals: all concurrently, or the first that works."""
+        """Connect the planned portals: all together (one kernel call for all of them), or
+        one after another until one works."""
         if not plan.connect:
             return [], []
         options = self.policy.controller_options(replica_leg)
-        if plan.all_portals and len(plan.connect) > 1:
-            pool = connect_pool()
-            futures = [pool.submit(self._connect_one, plan.target, p, host_nqn, host_id,
-                                   options) for p in plan.connect]
-            results = [f.result() for f in futures]
+        target = plan.target
+        if plan.all_portals:
+            opts = [self._connect_opts(target, p, host_nqn, host_id, options)
+                    for p in plan.connect]
+            try:
+                replies = self.kernel.connect_all(opts)
+            except NVMeOFError as e:
+                replies = [e] * len(opts)
+            results = [self._outcome(target, p, r) for p, r in zip(plan.connect, replies,
+                                                                      strict=True)]
         else:
             results = []
             for portal in plan.connect:
-                results.append(self._connect_one(plan.target, portal, host_nqn, host_id,
-                                                 options))
-                if isinstance(results[-1], str) or isinstance(results[-1], AlreadyConnected):
+                opts = self._connect_opts(target, portal, host_nqn, host_id, options)
+                try:
+                    reply = self.kernel.connect(opts)
+                except NVMeOFError as e:
+                    reply = e
+                results.append(self._outcome(target, portal, reply))
+                if isinstance(results[-1], (str, AlreadyConnected)):
                     break
         created = [r for r in results if isinstance(r, str)]
         failures = [r for r in results if isinstance(r, PortalConnectError)]
         for f in failures:
             if not isinstance(f, AlreadyConnected):
-                LOG.warning("Portal %s of %s: %s", f.portal, plan.target.nqn, f.reason)
+                LOG.warning("Portal %s of %s: %s", f.portal, target.nqn, f.reason)
         return created, failures
 
-    def _connect_one(self, target: Target, portal: Portal, host_nqn, host_id, options):
+    @staticmethod
+    def _connect_opts(target: Target, portal: Portal, host_nqn, host_id, options):
         opts = dict(options, nqn=target.nqn, traddr=portal.traddr, trsvcid=portal.trsvcid,
                     transport=portal.transport, host_nqn=host_nqn, host_id=host_id)
         if target.dhchap_secret:
             opts["dhchap_secret"] = target.dhchap_secret
         if target.dhchap_ctrl_secret:
             opts["dhchap_ctrl_secret"] = target.dhchap_ctrl_secret
-        try:
-            result = self.kernel.connect(opts)
-        except NVMeOFError as e:
-            return PortalConnectError(portal, str(e))
-        if result.get("controller"):
-            LOG.debug("Connected %s of %s as %s", portal, target.nqn, result["controller"])
-            return result["controller"]
-        if result.get("already"):
+        return opts
+
+    @staticmethod
+    def _outcome(target: Target, portal: Portal, reply):
+        """A kernel reply -> controller name, AlreadyConnected or PortalConnectError."""
+        if isinstance(reply, Exception):
+            return PortalConnectError(portal, str(reply))
+        if reply.get("controller"):
+            LOG.debug("Connected %s of %s as %s", portal, target.nqn, reply["controller"])
+            return reply["controller"]
+        if reply.get("already"):
             return AlreadyConnected(portal, "already connected")
-        return PortalConnectError(portal, result.get("error") or "unknown error",
-                                  result.get("errno"))
+        return PortalConnectError(portal, reply.get("error") or "unknown error",
+                                  reply.get("errno"))
 
     def _wait_device(self, target: Target, multipath: bool,
                      replica_leg: bool) -> tuple[Snapshot, Namespace]:

@@ -28,6 +28,19 @@ class Kernel(abc.ABC):
     def connect(self, opts: dict) -> dict:
         """Create a controller.  -> {'controller': 'nvmeN'} or {'error', 'errno', 'already'}."""
 
+    def connect_all(self, opts_list: list) -> list:
+        """Create one controller per option set, all in flight together; replies in order
+        (an exception in place of a reply when one connect raised)."""
+        from nvmeof_mp import threads
+        from nvmeof_mp.exception import NVMeOFError
+
+        def one(opts):
+            try:
+                return self.connect(opts)
+            except NVMeOFError as e:
+                return e
+        return threads.map_concurrently("connect", one, opts_list)
+
     @abc.abstractmethod
     def delete_controller(self, name: str) -> str | None:
         """Delete a controller; returns an error text or None."""
@@ -101,6 +114,19 @@ class PrivilegedKernel(Kernel):
         from nvmeof_mp.privileged import nvme
         self._count("connect")
         return nvme.connect_portal(opts, self.connect_method)
+
+    def connect_all(self, opts_list):
+        """One privileged call for every portal of an attach (connected concurrently in the
+        daemon)."""
+        from nvmeof_mp.privileged import nvme
+        if len(opts_list) == 1:
+            return [self.connect(opts_list[0])]
+        replies = []
+        for i in range(0, len(opts_list), nvme.MAX_PORTALS):
+            self._count("connect_all")
+            replies += nvme.connect_portals(list(opts_list[i:i + nvme.MAX_PORTALS]),
+                                            self.connect_method)
+        return replies
 
     def delete_controller(self, name):
         from nvmeof_mp.privileged import nvme

@@ -163,3 +163,30 @@ def test_mdadm_create_fills_missing_legs_and_forces_one_disk():
         storage.alias("../../etc")
     with pytest.raises(PrivilegedArgumentError):
         storage.nvme_devices(["/dev/sda"])
+
+
+def test_connect_many_checks_every_portal_before_connecting_any(monkeypatch):
+    connected = []
+    monkeypatch.setattr(nvme, "_connect", lambda o, m: connected.append(o) or {})
+    bad = dict(GOOD, traddr="127.0.0.1;reboot")
+    with pytest.raises(PrivilegedArgumentError):
+        nvme.connect_many([dict(GOOD), bad], "fabrics")
+    for wrong in ([], [dict(GOOD)] * (nvme.MAX_PORTALS + 1), dict(GOOD)):
+        with pytest.raises(PrivilegedArgumentError):
+            nvme.connect_many(wrong, "fabrics")
+    with pytest.raises(PrivilegedArgumentError):
+        nvme.connect_many([dict(GOOD)], "telnet")
+    assert connected == []
+
+
+def test_connect_many_connects_concurrently_and_answers_in_order(monkeypatch):
+    import threading
+    barrier = threading.Barrier(3, timeout=5)
+
+    def connect(opts, method):
+        barrier.wait()                  # all three must be in flight together
+        return {"controller": "nvme%s" % (int(opts["trsvcid"]) - 4420)}
+    monkeypatch.setattr(nvme, "_connect", connect)
+    portals = [dict(GOOD, trsvcid=str(4420 + i)) for i in range(3)]
+    assert nvme.connect_many(portals, "fabrics") == [
+        {"controller": "nvme0"}, {"controller": "nvme1"}, {"controller": "nvme2"}]

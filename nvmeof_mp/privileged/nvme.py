@@ -27,6 +27,7 @@ TUNABLE_ATTRS = ("ctrl_loss_tmo", "reconnect_delay", "fast_io_fail_tmo")
 _ALREADY_EXITS = (114, 70)
 _ALREADY_TEXTS = ("already connected", "already connnected")
 CONNECT_METHODS = ("nvme-cli", "fabrics")
+MAX_PORTALS = 16            # per connect_portals call: more is not one volume's attach
 
 
 def connect_options(opts):
@@ -73,9 +74,34 @@ def connect_portal(opts, method="nvme-cli"):
     """Create one fabrics controller.  Returns {'controller': 'nvmeN'} or {'error', 'errno',
     'already'}.  fast_io_fail_tmo is applied in the same call when the tool lacks the option.
     """
-    opts = connect_options(opts)
+    return _connect(connect_options(opts), connect_method(method))
+
+
+@privileged.default.entrypoint
+def connect_portals(opts_list, method="nvme-cli"):
+    """Create one controller per portal of one attach, concurrently: one privileged call
+    instead of one per portal.  Every option set is validated before anything is connected;
+    replies come in the order given, as connect_portal's."""
+    return connect_many(opts_list, method)
+
+
+def connect_many(opts_list, method):
+    if not isinstance(opts_list, (list, tuple)) or not 1 <= len(opts_list) <= MAX_PORTALS:
+        raise PrivilegedArgumentError("between 1 and %d portals per call" % MAX_PORTALS)
+    validated = [connect_options(o) for o in opts_list]
+    method = connect_method(method)
+    from nvmeof_mp import threads
+    return threads.map_concurrently("privileged-connect", lambda o: _connect(o, method),
+                                    validated)
+
+
+def connect_method(method):
     if method not in CONNECT_METHODS:
         raise PrivilegedArgumentError("unknown connect method %r" % (method,))
+    return method
+
+
+def _connect(opts, method):
     secret = opts.get("dhchap_secret") or opts.get("dhchap_ctrl_secret")
     if (method == "fabrics" or secret) and os.path.exists(FABRICS_DEV):
         # secrets always go this way: nvme-cli would show them in the process list

@@ -212,7 +212,7 @@ def processes_scenario(python_for, root_helper_for, infos, runs, results, name):
         "%s=%.2fs" % (lib, m["attach"]) for lib, m in med.items())), flush=True)
 
 
-def cold_vs_warm(python_for, root_helper_for, results, processes=3):
+def cold_vs_warm(python_for, root_helper_for, results, processes=5):
     """Fresh processes: daemon start, first attach, then warm attaches (medians over
     ``processes``: one first attach is a single sample of a noisy kernel)."""
     out = {}

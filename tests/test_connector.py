@@ -17,7 +17,8 @@ def test_native_multipath_attach_connects_each_portal_once_and_nothing_else(lab)
     lab.target()
     result = lab.connector.connect_volume(conninfo())
     assert result["type"] == "block" and result["path"] == "/dev/nvme0n1"
-    assert dict(lab.sim.calls) == {"connect": 2}
+    # one kernel call for both portals, one controller creation per portal, nothing else
+    assert dict(lab.sim.calls) == {"connect_all": 1, "connect": 2}
     assert [p["state"] for p in result["paths"]] == ["live", "live"]
     assert result["degraded"] is False
     assert lab.sim.controllers(NQN) == ["nvme0", "nvme1"]
@@ -516,3 +517,4 @@ def test_has_namespaces_is_the_cheap_form_of_the_snapshot(make_lab, native):
     lab.sim.clock.sleep(5.0)
     assert reader.has_namespaces(NQN) and reader.snapshot([NQN]).namespaces()
     assert not reader.has_namespaces(NQN + "-other")
+

@@ -206,6 +206,12 @@ class SimHost(SimStorage, Kernel):
 
     # -- Kernel interface ----------------------------------------------------------------------
 
+    def connect_all(self, opts_list):
+        """One privileged call on a real host ("connect_all"); each portal is still counted
+        as a "connect" (one controller creation)."""
+        self._count("connect_all")
+        return super().connect_all(opts_list)
+
     def connect(self, opts):
         self._count("connect")
         if self.connect_cost:

@@ -59,7 +59,8 @@ def run(volumes, portals, rounds=5):
         calls.append((sum(v for k, v in c.items() if k != "connect") + direct) / volumes)
         t = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(volumes) as pool:
-            list(pool.map(lambda ci: ci[0].disconnect_volume(ci[1], None), zip(conns, infos, strict=True)))
+            list(pool.map(lambda ci: ci[0].disconnect_volume(ci[1], None),
+                          zip(conns, infos, strict=True)))
         detach.append(time.perf_counter() - t)
         assert sim.controllers() == []
     return {"volumes": volumes, "portals": portals,

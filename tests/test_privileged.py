@@ -190,3 +190,8 @@ def test_connect_many_connects_concurrently_and_answers_in_order(monkeypatch):
     portals = [dict(GOOD, trsvcid=str(4420 + i)) for i in range(3)]
     assert nvme.connect_many(portals, "fabrics") == [
         {"controller": "nvme0"}, {"controller": "nvme1"}, {"controller": "nvme2"}]
+
+
+def test_daemon_runs_enough_calls_at_once_that_slow_connects_block_nothing_else():
+    from nvmeof_mp import privileged
+    assert privileged.default.conf.thread_pool_size == privileged.DAEMON_THREADS >= 16

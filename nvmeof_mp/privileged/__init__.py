@@ -6,6 +6,7 @@ Every root action runs in a daemon started through ``privsep-helper`` with the r
 sibling modules; each does one narrow thing and validates its arguments again inside the daemon.
 """
 
+from oslo_config import cfg
 from oslo_privsep import capabilities as caps
 from oslo_privsep import priv_context
 
@@ -19,6 +20,12 @@ default = priv_context.PrivContext(
                   caps.CAP_FOWNER, caps.CAP_MKNOD, caps.CAP_SYS_RAWIO],
 )
 
+# oslo.privsep runs as many calls at once as the host has CPUs.  A connect can block for the
+# kernel's connect timeout on a dead portal; with two CPUs two such calls would hold back
+# every flush and controller delete of other volumes.  The daemon imports this module too,
+# so the default applies on both sides (a config file may still set it).
+DAEMON_THREADS = 32
+cfg.CONF.set_default("thread_pool_size", DAEMON_THREADS, group="nvmeof_mp_privileged")
 
 _fork_when_root = False
 

@@ -20,7 +20,8 @@ import enum
 import ipaddress
 import re
 import uuid as uuidlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from nvmeof_mp.exception import InvalidConnectionInfo
 

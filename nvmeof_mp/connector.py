@@ -105,7 +105,8 @@ class NVMeOFConnector:
     def connect_volume(self, connection_properties):
         """Attach the volume; returns ``{'type': 'block', 'path': '/dev/...'}`` plus details."""
         request = connection.parse(connection_properties)
-        LOG.debug("connect_volume %s", connection.redact(connection_properties))
+        if LOG.isEnabledFor(logging.DEBUG):      # redacting costs ~2 ms under emulation
+            LOG.debug("connect_volume %s", connection.redact(connection_properties))
         if request.mode is Mode.RAID:
             from nvmeof_mp import raid
             return raid.connect(self, request)

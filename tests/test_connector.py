@@ -423,6 +423,7 @@ def test_dhchap_secret_reaches_the_kernel_but_no_log(lab, caplog):
     lab.connector.connect_volume(conninfo(dhchap_secret=secret))
     assert seen == [secret, secret]
     assert secret not in caplog.text
+    assert "'dhchap_secret': '***'" in caplog.text      # the request is logged, redacted
 
 
 def _attach_time(lab, info, mode=None, root=False):

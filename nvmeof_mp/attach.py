@@ -54,9 +54,9 @@ class Attacher:
     """Executes connect/disconnect plans for single targets."""
 
     def __init__(self, kernel, sysfs, clock, policy, host_identity, lock_path=None, root="/",
-                 can_open=can_open_rw):
+                 can_open=None):
         self.root = root
-        self.can_open = can_open                # permission check of the calling process
+        self.can_open = can_open or can_open_rw     # permission check of the calling process
         self.kernel = kernel
         self.sysfs = sysfs
         self.clock = clock

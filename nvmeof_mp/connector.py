@@ -54,9 +54,8 @@ class NVMeOFConnector:
         self.lock_path = lock_path
         self._identity = None
         self._identity_lock = threading.Lock()
-        kw = {"can_open": can_open} if can_open else {}
         self.attacher = Attacher(kernel, self.sysfs, self.clock, self.policy,
-                                 self.host_identity, lock_path, root, **kw)
+                                 self.host_identity, lock_path, root, can_open)
 
     # -- properties ----------------------------------------------------------------------------
 
@@ -81,16 +80,16 @@ class NVMeOFConnector:
             return self._identity
 
     def wait_udev(self, path, timeout=10.0):
-        """Wait until udev has processed the device behind ``path`` (md, dm: see udev_done).
+        """Wait until udev has processed the device behind ``path`` (md, dm).
 
-        Only "never" skips this: the md and dm paths handed out are links udev makes.
+        The rule is ``udev_settled``'s without the caller's access check: the md and dm paths
+        handed out are links udev makes, so only "never" skips the wait.
         """
-        if self.policy.wait_for_udev == "never":
-            return
-        from nvmeof_mp.topology import udev_done
+        from nvmeof_mp.topology import udev_settled
         from nvmeof_mp.waiting import poll
         name = os.path.basename(os.path.realpath(os.path.join(self.root, path.lstrip("/"))))
-        if not poll(lambda: udev_done(self.root, name), timeout, self.clock):
+        mode = self.policy.wait_for_udev
+        if not poll(lambda: udev_settled(self.root, name, mode), timeout, self.clock):
             LOG.warning("udev has not processed %s after %ss", path, timeout)
 
     @staticmethod

@@ -28,3 +28,31 @@ def map_concurrently(name: str, fn, items) -> list:
     if len(items) < 2:
         return [fn(i) for i in items]
     return list(pool(name).map(fn, items))
+
+
+class FifoLock:
+    """A lock granted in the order it was asked for (``threading.Lock`` promises no order)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+
+    def __enter__(self):
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            while ticket != self._serving:
+                self._cond.wait()
+        return self
+
+    def __exit__(self, *exc):
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+    @property
+    def queued(self) -> int:
+        """Holders plus waiters (for tests and debugging)."""
+        with self._cond:
+            return self._next_ticket - self._serving

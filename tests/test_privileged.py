@@ -179,7 +179,7 @@ def test_connect_many_checks_every_portal_before_connecting_any(monkeypatch):
     assert connected == []
 
 
-def test_connect_many_connects_concurrently_and_answers_in_order(monkeypatch):
+def test_connect_many_runs_nvme_cli_processes_concurrently_and_answers_in_order(monkeypatch):
     import threading
     barrier = threading.Barrier(3, timeout=5)
 
@@ -188,8 +188,42 @@ def test_connect_many_connects_concurrently_and_answers_in_order(monkeypatch):
         return {"controller": "nvme%s" % (int(opts["trsvcid"]) - 4420)}
     monkeypatch.setattr(nvme, "_connect", connect)
     portals = [dict(GOOD, trsvcid=str(4420 + i)) for i in range(3)]
-    assert nvme.connect_many(portals, "fabrics") == [
+    assert nvme.connect_many(portals, "nvme-cli") == [
         {"controller": "nvme0"}, {"controller": "nvme1"}, {"controller": "nvme2"}]
+
+
+def test_fabrics_writes_of_one_call_go_back_to_back_and_calls_in_arrival_order(
+        tmp_path, monkeypatch):
+    """Two attaches at once: the first one's portals are all written before the second's."""
+    import threading
+    import time
+    fabrics = tmp_path / "nvme-fabrics"
+    fabrics.write_text("")
+    monkeypatch.setattr(nvme, "FABRICS_DEV", str(fabrics))
+    written, first_in = [], threading.Event()
+
+    def write(opts):
+        first_in.set()
+        time.sleep(0.01)                # let the other call's thread run if it could
+        written.append((opts["nqn"], opts["trsvcid"]))
+        return {"controller": "nvme%d" % len(written)}
+    monkeypatch.setattr(nvme, "_connect_fabrics", write)
+    calls = [[dict(GOOD, nqn=NQN + n, trsvcid=str(4420 + i)) for i in range(3)]
+             for n in ("a", "b")]
+    replies = {}
+
+    def attach(n, opts):
+        replies[n] = nvme.connect_many(opts, "fabrics")
+    first = threading.Thread(target=attach, args=("a", calls[0]))
+    first.start()
+    first_in.wait(5)
+    second = threading.Thread(target=attach, args=("b", calls[1]))
+    second.start()
+    first.join(5)
+    second.join(5)
+    assert written == [(NQN + n, str(4420 + i)) for n in ("a", "b") for i in range(3)]
+    assert replies["b"] == [{"controller": "nvme%d" % i} for i in (4, 5, 6)]
+    assert nvme._FABRICS_TURN.queued == 0
 
 
 def test_daemon_runs_enough_calls_at_once_that_slow_connects_block_nothing_else():

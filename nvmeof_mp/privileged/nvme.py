@@ -15,6 +15,7 @@ import subprocess
 
 from nvmeof_mp import connection
 from nvmeof_mp import privileged
+from nvmeof_mp import threads
 from nvmeof_mp.exception import InvalidConnectionInfo, PrivilegedArgumentError
 
 FABRICS_DEV = "/dev/nvme-fabrics"
@@ -28,6 +29,12 @@ _ALREADY_EXITS = (114, 70)
 _ALREADY_TEXTS = ("already connected", "already connnected")
 CONNECT_METHODS = ("nvme-cli", "fabrics")
 MAX_PORTALS = 16            # per connect_portals call: more is not one volume's attach
+# The kernel creates fabrics controllers one at a time (one global mutex around every write to
+# /dev/nvme-fabrics) and does not wake its waiters in order.  Left to it, eight volumes'
+# sixteen writes interleave and every volume waits for nearly the last controller of all.
+# Our writes queue here instead: one call's portals back to back, calls in arrival order, so
+# the first volume asked for is ready first and its discovery overlaps the next connects.
+_FABRICS_TURN = threads.FifoLock()
 
 
 def connect_options(opts):
@@ -74,7 +81,7 @@ def connect_portal(opts, method="nvme-cli"):
     """Create one fabrics controller.  Returns {'controller': 'nvmeN'} or {'error', 'errno',
     'already'}.  fast_io_fail_tmo is applied in the same call when the tool lacks the option.
     """
-    return _connect(connect_options(opts), connect_method(method))
+    return connect_many([opts], method)[0]
 
 
 @privileged.default.entrypoint
@@ -90,7 +97,10 @@ def connect_many(opts_list, method):
         raise PrivilegedArgumentError("between 1 and %d portals per call" % MAX_PORTALS)
     validated = [connect_options(o) for o in opts_list]
     method = connect_method(method)
-    from nvmeof_mp import threads
+    if all(_via_fabrics(o, method) for o in validated):
+        with _FABRICS_TURN:     # the kernel would serialize these writes anyway
+            return [_connect(o, method) for o in validated]
+    # nvme-cli processes: their start-up and parsing overlap, only their writes queue
     return threads.map_concurrently("privileged-connect", lambda o: _connect(o, method),
                                     validated)
 
@@ -101,12 +111,20 @@ def connect_method(method):
     return method
 
 
+def _has_secret(opts):
+    return bool(opts.get("dhchap_secret") or opts.get("dhchap_ctrl_secret"))
+
+
+def _via_fabrics(opts, method):
+    """Is this connect one write to /dev/nvme-fabrics (not an nvme-cli process)?  Secrets
+    always go this way: nvme-cli would show them in the process list."""
+    return (method == "fabrics" or _has_secret(opts)) and os.path.exists(FABRICS_DEV)
+
+
 def _connect(opts, method):
-    secret = opts.get("dhchap_secret") or opts.get("dhchap_ctrl_secret")
-    if (method == "fabrics" or secret) and os.path.exists(FABRICS_DEV):
-        # secrets always go this way: nvme-cli would show them in the process list
+    if _via_fabrics(opts, method):
         return _connect_fabrics(opts)
-    if secret:
+    if _has_secret(opts):
         return {"error": "DH-HMAC-CHAP needs %s (nvme-cli would expose the secret)"
                 % FABRICS_DEV, "errno": errnolib.ENOENT, "already": False}
     return _connect_cli(opts)

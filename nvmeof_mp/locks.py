@@ -3,28 +3,58 @@
 There is no host-wide lock around attaches: what must be exclusive is the set of controllers of
 one subsystem for one host NQN (deciding which to connect, reuse or delete).  Volumes of
 different subsystems attach in parallel, across threads and processes.
+
+A lock is ``flock`` on one file per key.  A waiter sleeps in the kernel and runs the moment
+the holder lets go; oslo.concurrency's external locks instead retry with sleeps of 10 to 100 ms,
+which two processes attaching volumes of one subsystem would pay at every hand-over (and which
+cost ~2 ms of CPU per lock under emulation, against 0.1 ms here).  ``flock`` belongs to the open
+file, so two threads of one process exclude each other as two processes do.  Closing the file
+(also when the process dies) releases the lock.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import tempfile
 
-from oslo_concurrency import lockutils
+_made_dirs: set[str] = set()
 
 
 def default_lock_path():
-    return os.environ.get("NVMEOF_MP_LOCK_PATH") or os.path.join(
-        tempfile.gettempdir(), "nvmeof_mp-locks-%d" % os.getuid())
+    """``$NVMEOF_MP_LOCK_PATH``; else the deployment's ``[oslo_concurrency] lock_path`` (Nova's
+    and Cinder's lock directory, also taken from ``$OSLO_LOCK_PATH``); else a per-user
+    directory under the temp dir."""
+    return (os.environ.get("NVMEOF_MP_LOCK_PATH") or _oslo_lock_path()
+            or os.path.join(tempfile.gettempdir(), "nvmeof_mp-locks-%d" % os.getuid()))
 
 
-def _lock(kind, key, lock_path):
+def _oslo_lock_path():
+    from oslo_concurrency import lockutils   # registers [oslo_concurrency] lock_path
+    return lockutils.CONF.oslo_concurrency.lock_path
+
+
+def lock_file(kind, key, lock_path=None):
+    """The file whose ``flock`` is the lock of (kind, key)."""
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-    path = lock_path or default_lock_path()
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    return lockutils.lock("%s-%s" % (kind, digest), lock_file_prefix="nvmeof_mp-",
-                          external=True, lock_path=path)
+    directory = lock_path or default_lock_path()
+    if directory not in _made_dirs:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        _made_dirs.add(directory)
+    return os.path.join(directory, "nvmeof_mp-%s-%s" % (kind, digest))
+
+
+@contextlib.contextmanager
+def _lock(kind, key, lock_path):
+    fd = os.open(lock_file(kind, key, lock_path),
+                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def subsystem_lock(nqn, host_nqn, lock_path=None):

@@ -7,6 +7,7 @@ per call.  Tasks submitted here must not wait on tasks of the same pool.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import threading
 
@@ -31,28 +32,36 @@ def map_concurrently(name: str, fn, items) -> list:
 
 
 class FifoLock:
-    """A lock granted in the order it was asked for (``threading.Lock`` promises no order)."""
+    """A lock granted in the order it was asked for (``threading.Lock`` promises no order).
+
+    The holder hands the lock straight to the longest waiter, waking only that one.
+    """
 
     def __init__(self):
-        self._cond = threading.Condition()
-        self._next_ticket = 0
-        self._serving = 0
+        self._mutex = threading.Lock()
+        self._held = False
+        self._waiters: collections.deque[threading.Lock] = collections.deque()
 
     def __enter__(self):
-        with self._cond:
-            ticket = self._next_ticket
-            self._next_ticket += 1
-            while ticket != self._serving:
-                self._cond.wait()
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return self
+            turn = threading.Lock()
+            turn.acquire()
+            self._waiters.append(turn)
+        turn.acquire()          # released by the holder: the lock is ours now
         return self
 
     def __exit__(self, *exc):
-        with self._cond:
-            self._serving += 1
-            self._cond.notify_all()
+        with self._mutex:
+            if self._waiters:
+                self._waiters.popleft().release()
+            else:
+                self._held = False
 
     @property
     def queued(self) -> int:
-        """Holders plus waiters (for tests and debugging)."""
-        with self._cond:
-            return self._next_ticket - self._serving
+        """Holder plus waiters (for tests and debugging)."""
+        with self._mutex:
+            return int(self._held) + len(self._waiters)

@@ -156,7 +156,8 @@ def setup_target(volumes):
 
 def scenario(workers, infos, threads, runs, results, name, floors=True):
     """Alternate libraries run by run; every run attaches all ``infos``, then detaches."""
-    rows = {w.lib: {"attach": [], "detach": [], "calls": [], "forks": []} for w in workers}
+    rows = {w.lib: {"attach": [], "detach": [], "calls": [], "forks": [], "per_volume": []}
+            for w in workers}
     rows["floor_fabrics"] = {"attach": [], "detach": []}
     rows["floor_cli"] = {"attach": []}
     for _ in range(runs):
@@ -165,6 +166,7 @@ def scenario(workers, infos, threads, runs, results, name, floors=True):
             d = w.call(op="detach", infos=infos, devices=a["result"], threads=threads)
             rows[w.lib]["attach"].append(a["wall"])
             rows[w.lib]["detach"].append(d["wall"])
+            rows[w.lib]["per_volume"].append(statistics.mean(a["each"]))
             rows[w.lib]["calls"].append(a["privsep_calls"] / len(infos))
             rows[w.lib]["forks"].append(a["forks"] / len(infos))
             if os.listdir("/sys/class/nvme"):
@@ -254,16 +256,21 @@ def import_costs(python_for, results):
     print("bench: cold process %s" % json.dumps(results["cold_process"]), flush=True)
 
 
+OP_LABELS = {"per_volume": "mean/vol"}      # mean time until each volume was attached
+
+
 def table(results):
     """ours = default (root: no udev wait); 'udev' = wait_for_udev always; floor = kernel."""
-    lines = ["%-36s %7s %8s %8s %7s %8s %8s %8s" % (
+    lines = ["%-40s %7s %8s %8s %7s %8s %8s %8s" % (
         "scenario", "ours s", "w/ udev", "os-brick", "floor", "ours/osb", "ours/flr",
         "priv/att")]
     for name, r in results.items():
         m = r.get("median") if isinstance(r, dict) else None
         if not m or "ours" not in m:
             continue
-        for op in ("attach", "detach"):
+        ops = ("attach", "per_volume", "detach") if r.get("volumes", 1) > 1 else (
+            "attach", "detach")
+        for op in ops:
             ours = m["ours"].get(op)
             if ours is None:
                 continue
@@ -271,8 +278,8 @@ def table(results):
             osb = m.get("osbrick", {}).get(op)
             floor = m.get("floor_fabrics", {}).get(op)
             calls = m["ours"].get("calls") if op == "attach" else None
-            lines.append("%-36s %7.2f %8s %8s %7s %8s %8s %8s" % (
-                "%s %s" % (name, op), ours, _f(nu), _f(osb), _f(floor),
+            lines.append("%-40s %7.2f %8s %8s %7s %8s %8s %8s" % (
+                "%s %s" % (name, OP_LABELS.get(op, op)), ours, _f(nu), _f(osb), _f(floor),
                 _f(osb and ours / osb), _f(floor and ours / floor),
                 "%.1f" % calls if calls is not None else "-"))
     cold = results.get("cold_vs_warm", {})

@@ -1,0 +1,105 @@
+"""Cross-process locks: flock per (kind, key), blocking waits, where the lock files live."""
+
+import multiprocessing
+import os
+import threading
+
+import pytest
+
+from nvmeof_mp import locks
+
+NQN = "nqn.2014-08.org.example:vol"
+
+
+def _hold_in_child(lock_path, holding, release, log):
+    with locks.subsystem_lock(NQN, "host", lock_path):
+        holding.set()
+        release.wait(10)
+        with open(log, "a") as f:
+            f.write("child released\n")
+
+
+def test_another_process_waits_until_the_holder_lets_go(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    holding, release = ctx.Event(), ctx.Event()
+    log = tmp_path / "log"
+    child = ctx.Process(target=_hold_in_child, args=(str(tmp_path), holding, release, log))
+    child.start()
+    assert holding.wait(10)
+    got = threading.Event()
+
+    def take():
+        with locks.subsystem_lock(NQN, "host", str(tmp_path)):
+            with open(log, "a") as f:
+                f.write("parent acquired\n")
+            got.set()
+    waiter = threading.Thread(target=take)
+    waiter.start()
+    assert not got.wait(0.2)            # blocked while the child holds it
+    release.set()
+    assert got.wait(10)
+    waiter.join(5)
+    child.join(10)
+    assert log.read_text().splitlines() == ["child released", "parent acquired"]
+
+
+def test_threads_of_one_process_exclude_each_other_but_other_keys_do_not(tmp_path):
+    inside, overlap = [], []
+    other_ran = threading.Event()
+
+    def work():
+        with locks.subsystem_lock(NQN, "host", str(tmp_path)):
+            inside.append(1)
+            overlap.append(len(inside))
+            threading.Event().wait(0.02)
+            inside.pop()
+    with locks.subsystem_lock(NQN, "host", str(tmp_path)):
+        workers = [threading.Thread(target=work) for _ in range(4)]
+        for w in workers:
+            w.start()
+
+        def other():
+            with locks.subsystem_lock(NQN + "-2", "host", str(tmp_path)):
+                other_ran.set()
+        threading.Thread(target=other).start()
+        assert other_ran.wait(5)        # another subsystem is not held up
+        assert overlap == []            # nobody got in while we hold the lock
+    for w in workers:
+        w.join(5)
+    assert overlap == [1, 1, 1, 1]
+
+
+def test_lock_is_released_when_the_holder_raises(tmp_path):
+    with pytest.raises(ValueError):
+        with locks.named_lock("md-vol", str(tmp_path)):
+            raise ValueError("boom")
+    done = threading.Event()
+
+    def take():
+        with locks.named_lock("md-vol", str(tmp_path)):
+            done.set()
+    threading.Thread(target=take).start()
+    assert done.wait(5)
+
+
+def test_lock_files_are_private_and_keys_do_not_leak_into_names(tmp_path):
+    path = locks.lock_file("subsys", "%s|host" % NQN, str(tmp_path / "d"))
+    with locks.subsystem_lock(NQN, "host", str(tmp_path / "d")):
+        pass
+    assert os.stat(tmp_path / "d").st_mode & 0o777 == 0o700
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert "example" not in os.path.basename(path)
+
+
+def test_lock_directory_env_then_oslo_concurrency_then_tempdir(monkeypatch, tmp_path):
+    from oslo_concurrency import lockutils
+    monkeypatch.delenv("NVMEOF_MP_LOCK_PATH", raising=False)
+    lockutils.CONF.set_override("lock_path", None, "oslo_concurrency")
+    try:
+        assert locks.default_lock_path().endswith("nvmeof_mp-locks-%d" % os.getuid())
+        lockutils.CONF.set_override("lock_path", str(tmp_path / "oslo"), "oslo_concurrency")
+        assert locks.default_lock_path() == str(tmp_path / "oslo")
+        monkeypatch.setenv("NVMEOF_MP_LOCK_PATH", str(tmp_path / "ours"))
+        assert locks.default_lock_path() == str(tmp_path / "ours")
+    finally:
+        lockutils.CONF.clear_override("lock_path", "oslo_concurrency")

@@ -51,7 +51,8 @@ class NVMeOFConnector:
         self.hostinfo = HostInfo(root, kernel=kernel)
         self.clock = clock or Clock()
         self.policy = policy
-        self.lock_path = lock_path
+        from nvmeof_mp.locks import default_lock_path
+        self.lock_path = lock_path or default_lock_path()     # resolved once, not per lock
         self._identity = None
         self._identity_lock = threading.Lock()
         self.attacher = Attacher(kernel, self.sysfs, self.clock, self.policy,

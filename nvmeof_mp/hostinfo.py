@@ -38,11 +38,8 @@ class HostInfo:
 
     def native_multipath(self):
         """nvme_core's ``multipath`` parameter: ``Y`` -> True; ``N`` or absent -> False."""
-        try:
-            with open(os.path.join(self.sys_root, "module/nvme_core/parameters/multipath")) as f:
-                return f.read().strip() == "Y"
-        except OSError:
-            return False
+        return read_attr(os.path.join(self.sys_root,
+                                      "module/nvme_core/parameters/multipath")) == "Y"
 
     def read_identity(self):
         """(hostnqn, hostid) from /etc/nvme, None for what is missing."""

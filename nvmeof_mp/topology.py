@@ -204,7 +204,8 @@ class SysfsReader:
         return False
 
     def _subsystem(self, name, sdir, nqn, detail):
-        entries = listdir(sdir)
+        # a directory holds ~30 attribute files; only "nvme..." entries are worth a regex
+        entries = [e for e in listdir(sdir) if e.startswith("nvme")]
         controllers, paths_by_head, plain = [], {}, []
         for entry in entries:
             if not _CTRL_RE.match(entry):
@@ -215,6 +216,8 @@ class SysfsReader:
             controllers.append(ctrl)
             cdir = os.path.join(self.ctrl_dir, entry)
             for sub in listdir(cdir):
+                if not sub.startswith("nvme"):
+                    continue
                 m = _PATH_RE.match(sub)
                 if m:
                     head = "nvme%sn%s" % (m.group(1), m.group(3))

@@ -103,3 +103,23 @@ def test_lock_directory_env_then_oslo_concurrency_then_tempdir(monkeypatch, tmp_
         assert locks.default_lock_path() == str(tmp_path / "ours")
     finally:
         lockutils.CONF.clear_override("lock_path", "oslo_concurrency")
+
+
+def test_without_oslo_concurrency_options_its_environment_variable_still_counts(
+        monkeypatch, tmp_path):
+    from oslo_config import cfg
+    monkeypatch.setattr(cfg, "CONF", cfg.ConfigOpts())     # a process that never imported it
+    monkeypatch.delenv("NVMEOF_MP_LOCK_PATH", raising=False)
+    monkeypatch.setenv("OSLO_LOCK_PATH", str(tmp_path / "env"))
+    assert locks.default_lock_path() == str(tmp_path / "env")
+    monkeypatch.delenv("OSLO_LOCK_PATH")
+    assert locks.default_lock_path().endswith("nvmeof_mp-locks-%d" % os.getuid())
+
+
+def test_connector_resolves_its_lock_directory_once(make_lab, monkeypatch, tmp_path):
+    monkeypatch.setenv("NVMEOF_MP_LOCK_PATH", str(tmp_path / "first"))
+    from nvmeof_mp.connector import NVMeOFConnector
+    lab = make_lab()
+    connector = NVMeOFConnector(kernel=lab.sim, root=lab.root, clock=lab.sim.clock)
+    monkeypatch.setenv("NVMEOF_MP_LOCK_PATH", str(tmp_path / "second"))
+    assert connector.lock_path == str(tmp_path / "first")

@@ -101,6 +101,12 @@ def hostnqn():
         return f.read().strip()
 
 
+def quiesce():
+    """Start every measurement from a quiet host: udev done with the last run's events (a
+    detach of eight volumes leaves ~40 of them, which would slow whoever runs next)."""
+    subprocess.run(["udevadm", "settle", "--timeout=30"], check=False)
+
+
 def floor_fabrics(infos):
     """Option strings written to /dev/nvme-fabrics (one thread: the kernel serializes)."""
     t = time.monotonic()
@@ -160,9 +166,12 @@ def scenario(workers, infos, threads, runs, results, name, floors=True):
             for w in workers}
     rows["floor_fabrics"] = {"attach": [], "detach": []}
     rows["floor_cli"] = {"attach": []}
-    for _ in range(runs):
-        for w in workers:
+    for run in range(runs):
+        # each run starts with the next library: nobody always follows the same one
+        for w in workers[run % len(workers):] + workers[:run % len(workers)]:
+            quiesce()
             a = w.call(op="attach", infos=infos, threads=threads)
+            quiesce()
             d = w.call(op="detach", infos=infos, devices=a["result"], threads=threads)
             rows[w.lib]["attach"].append(a["wall"])
             rows[w.lib]["detach"].append(d["wall"])
@@ -172,8 +181,11 @@ def scenario(workers, infos, threads, runs, results, name, floors=True):
             if os.listdir("/sys/class/nvme"):
                 raise RuntimeError("%s left controllers behind" % w.lib)
         if floors:
+            quiesce()
             rows["floor_fabrics"]["attach"].append(floor_fabrics(infos))
+            quiesce()
             rows["floor_fabrics"]["detach"].append(floor_detach())
+            quiesce()
             rows["floor_cli"]["attach"].append(floor_cli(infos))
             floor_detach()
     med = {lib: {k: statistics.median(v) for k, v in r.items() if v} for lib, r in rows.items()}
@@ -195,11 +207,13 @@ def processes_scenario(python_for, root_helper_for, infos, runs, results, name):
             w.recv()
         rows[lib] = {"attach": [], "detach": []}
         for _ in range(runs):
+            quiesce()
             t = time.monotonic()
             for w, i in zip(workers, infos, strict=True):
                 w.send(op="attach", infos=[i], threads=1)
             devices = [w.recv()["result"][0] for w in workers]
             rows[lib]["attach"].append(time.monotonic() - t)
+            quiesce()
             t = time.monotonic()
             for w, i, d in zip(workers, infos, devices, strict=True):
                 w.send(op="detach", infos=[i], devices=[d], threads=1)
@@ -225,6 +239,7 @@ def cold_vs_warm(python_for, root_helper_for, results, processes=5):
             starts.append(w.call(op="init")["wall"])
             times = []
             for _ in range(3):
+                quiesce()
                 a = w.call(op="attach", infos=[info(0, 2)], threads=1)
                 w.call(op="detach", infos=[info(0, 2)], devices=a["result"], threads=1)
                 times.append(a["wall"])

@@ -116,8 +116,8 @@ class PrivilegedKernel(Kernel):
         return nvme.connect_portal(opts, self.connect_method)
 
     def connect_all(self, opts_list):
-        """One privileged call for every portal of an attach (connected concurrently in the
-        daemon)."""
+        """One privileged call for every portal of an attach (the daemon queues the writes
+        behind earlier attaches', see ``privileged.nvme``)."""
         from nvmeof_mp.privileged import nvme
         if len(opts_list) == 1:
             return [self.connect(opts_list[0])]

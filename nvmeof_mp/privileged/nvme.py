@@ -86,8 +86,9 @@ def connect_portal(opts, method="nvme-cli"):
 
 @privileged.default.entrypoint
 def connect_portals(opts_list, method="nvme-cli"):
-    """Create one controller per portal of one attach, concurrently: one privileged call
-    instead of one per portal.  Every option set is validated before anything is connected;
+    """Create one controller per portal of one attach: one privileged call instead of one
+    per portal.  Every option set is validated before anything is connected; fabrics writes
+    queue first-come first-served (``_FABRICS_TURN``), nvme-cli processes run concurrently;
     replies come in the order given, as connect_portal's."""
     return connect_many(opts_list, method)
 

@@ -98,6 +98,14 @@ class Kernel(abc.ABC):
     def dm_remove(self, name) -> dict: ...
 
 
+# The privsep daemon runs privileged.DAEMON_THREADS (32) calls at once, and connect calls wait
+# inside it for their turn at the kernel, which makes one controller at a time.  Uncapped,
+# forty concurrent attaches would hold every daemon thread, and a detach's flush or delete
+# would wait behind them.  Fewer connect calls in flight cost nothing: the queue stays full.
+CONNECT_CALLS_IN_FLIGHT = 24
+_connect_slots = threading.BoundedSemaphore(CONNECT_CALLS_IN_FLIGHT)
+
+
 class PrivilegedKernel(Kernel):
     """The real kernel, through the privsep daemon."""
 
@@ -113,7 +121,8 @@ class PrivilegedKernel(Kernel):
     def connect(self, opts):
         from nvmeof_mp.privileged import nvme
         self._count("connect")
-        return nvme.connect_portal(opts, self.connect_method)
+        with _connect_slots:
+            return nvme.connect_portal(opts, self.connect_method)
 
     def connect_all(self, opts_list):
         """One privileged call for every portal of an attach (the daemon queues the writes
@@ -124,8 +133,9 @@ class PrivilegedKernel(Kernel):
         replies = []
         for i in range(0, len(opts_list), nvme.MAX_PORTALS):
             self._count("connect_all")
-            replies += nvme.connect_portals(list(opts_list[i:i + nvme.MAX_PORTALS]),
-                                            self.connect_method)
+            with _connect_slots:
+                replies += nvme.connect_portals(list(opts_list[i:i + nvme.MAX_PORTALS]),
+                                                self.connect_method)
         return replies
 
     def delete_controller(self, name):

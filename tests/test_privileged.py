@@ -229,3 +229,37 @@ def test_fabrics_writes_of_one_call_go_back_to_back_and_calls_in_arrival_order(
 def test_daemon_runs_enough_calls_at_once_that_slow_connects_block_nothing_else():
     from nvmeof_mp import privileged
     assert privileged.default.conf.thread_pool_size == privileged.DAEMON_THREADS >= 16
+
+
+def test_connect_calls_in_flight_are_capped_below_the_daemon_threads(monkeypatch):
+    """Forty attaches at once must leave daemon threads free for flushes and deletes."""
+    import threading
+    import time
+    from nvmeof_mp import kernel, privileged
+    monkeypatch.setattr(privileged, "ensure_started", lambda: None)
+    inside, most, lock, release = [0], [0], threading.Lock(), threading.Event()
+
+    def connect_portals(opts_list, method):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        release.wait(10)
+        with lock:
+            inside[0] -= 1
+        return [{"controller": "nvme0"}] * len(opts_list)
+    monkeypatch.setattr(nvme, "connect_portals", connect_portals)
+    k = kernel.PrivilegedKernel()
+    two = [dict(GOOD), dict(GOOD, trsvcid="4421")]
+    attaches = [threading.Thread(target=k.connect_all, args=(two,)) for _ in range(40)]
+    for t in attaches:
+        t.start()
+    end = time.monotonic() + 10
+    while inside[0] < kernel.CONNECT_CALLS_IN_FLIGHT and time.monotonic() < end:
+        time.sleep(0.005)
+    time.sleep(0.05)                    # would the 25th get in?
+    assert inside[0] == kernel.CONNECT_CALLS_IN_FLIGHT
+    release.set()
+    for t in attaches:
+        t.join(10)
+    assert most[0] == kernel.CONNECT_CALLS_IN_FLIGHT < privileged.DAEMON_THREADS
+    assert k.calls["connect_all"] == 40

@@ -56,7 +56,7 @@ class NVMeOFConnector:
         self._identity = None
         self._identity_lock = threading.Lock()
         self.attacher = Attacher(kernel, self.sysfs, self.clock, self.policy,
-                                 self.host_identity, lock_path, root, can_open)
+                                 self.host_identity, self.lock_path, root, can_open)
 
     # -- properties ----------------------------------------------------------------------------
 

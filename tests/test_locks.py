@@ -123,3 +123,4 @@ def test_connector_resolves_its_lock_directory_once(make_lab, monkeypatch, tmp_p
     connector = NVMeOFConnector(kernel=lab.sim, root=lab.root, clock=lab.sim.clock)
     monkeypatch.setenv("NVMEOF_MP_LOCK_PATH", str(tmp_path / "second"))
     assert connector.lock_path == str(tmp_path / "first")
+    assert connector.attacher.lock_path == str(tmp_path / "first")     # attach/detach locks

@@ -20,9 +20,6 @@ import hashlib
 import os
 import tempfile
 
-_made_dirs: set[str] = set()
-
-
 def default_lock_path():
     """``$NVMEOF_MP_LOCK_PATH``; else the deployment's ``[oslo_concurrency] lock_path`` (Nova's
     and Cinder's lock directory, also taken from ``$OSLO_LOCK_PATH``); else a per-user
@@ -45,16 +42,23 @@ def lock_file(kind, key, lock_path=None):
     """The file whose ``flock`` is the lock of (kind, key)."""
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
     directory = lock_path or default_lock_path()
-    if directory not in _made_dirs:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        _made_dirs.add(directory)
     return os.path.join(directory, "nvmeof_mp-%s-%s" % (kind, digest))
+
+
+def _open(path):
+    """Open (create) a lock file; its directory is made on first need, and again if a temp
+    cleaner removed it while the service ran."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        return os.open(path, flags, 0o600)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        return os.open(path, flags, 0o600)
 
 
 @contextlib.contextmanager
 def _lock(kind, key, lock_path):
-    fd = os.open(lock_file(kind, key, lock_path),
-                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    fd = _open(lock_file(kind, key, lock_path))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -124,3 +124,14 @@ def test_connector_resolves_its_lock_directory_once(make_lab, monkeypatch, tmp_p
     monkeypatch.setenv("NVMEOF_MP_LOCK_PATH", str(tmp_path / "second"))
     assert connector.lock_path == str(tmp_path / "first")
     assert connector.attacher.lock_path == str(tmp_path / "first")     # attach/detach locks
+
+
+def test_lock_directory_is_made_again_when_a_temp_cleaner_removed_it(tmp_path):
+    directory = tmp_path / "locks"
+    with locks.subsystem_lock(NQN, "host", str(directory)):
+        pass
+    for f in directory.iterdir():
+        f.unlink()
+    directory.rmdir()
+    with locks.subsystem_lock(NQN, "host", str(directory)):
+        assert os.stat(directory).st_mode & 0o777 == 0o700

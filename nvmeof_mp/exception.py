@@ -73,3 +73,9 @@ class PrivilegedArgumentError(NVMeOFError, ValueError):
 
 class ReplicaError(NVMeOFError):
     message = "Replicated volume error: %(reason)s"
+
+
+class LockDirectoryError(NVMeOFError):
+    """The lock directory could be tampered with by another user: refused (fail closed)."""
+
+    message = "Unsafe lock directory %(path)s: %(reason)s"

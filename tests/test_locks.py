@@ -135,3 +135,79 @@ def test_lock_directory_is_made_again_when_a_temp_cleaner_removed_it(tmp_path):
     directory.rmdir()
     with locks.subsystem_lock(NQN, "host", str(directory)):
         assert os.stat(directory).st_mode & 0o777 == 0o700
+
+
+def test_a_forked_child_does_not_keep_the_lock(tmp_path):
+    """oslo.privsep's fork method forks the daemon (no exec) inside whatever lock the first
+    privileged call runs under; the daemon lives on, holding every inherited descriptor."""
+    with locks.subsystem_lock(NQN, "host", str(tmp_path)):
+        pid = os.fork()
+        if pid == 0:                    # the "daemon": outlives the holder's lock
+            try:
+                threading.Event().wait(5)
+            finally:
+                os._exit(0)
+    try:
+        got = threading.Event()
+
+        def take():
+            with locks.subsystem_lock(NQN, "host", str(tmp_path)):
+                got.set()
+        threading.Thread(target=take, daemon=True).start()
+        assert got.wait(3), "the lock stayed held by a forked child"
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+
+
+GREEN_SCRIPT = r"""
+import eventlet
+eventlet.monkey_patch()
+import sys, time
+from nvmeof_mp import locks
+order = []
+
+def attach(name, hold):
+    with locks.subsystem_lock("nqn.2014-08.org.example:vol", "host", sys.argv[1]):
+        order.append(name + " in")
+        time.sleep(hold)          # green: the holder waits on the hub (a socket read, a poll)
+        order.append(name + " out")
+
+pool = eventlet.GreenPool()
+pool.spawn(attach, "a", 0.3)
+eventlet.sleep(0.05)
+pool.spawn(attach, "b", 0)
+pool.waitall()
+print(",".join(order))
+"""
+
+
+def test_greenthreads_under_eventlet_take_turns_instead_of_deadlocking(tmp_path):
+    """nova-compute and cinder-volume monkey-patch: a waiter must not block the hub."""
+    import subprocess
+    import sys
+    pytest.importorskip("eventlet")
+    try:
+        out = subprocess.run([sys.executable, "-c", GREEN_SCRIPT, str(tmp_path)],
+                             capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("two greenthreads on one subsystem lock deadlocked")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "a in,a out,b in,b out"
+
+
+def test_a_lock_directory_another_user_could_tamper_with_is_refused(tmp_path):
+    from nvmeof_mp.exception import LockDirectoryError
+    shared = tmp_path / "world"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(LockDirectoryError, match="writable by others"):
+        with locks.subsystem_lock(NQN, "host", str(shared)):
+            pass
+    if os.getuid() == 0:                # someone else made the predictable temp path first
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o700)
+        os.chown(theirs, 4242, 4242)
+        with pytest.raises(LockDirectoryError, match="owned by uid 4242"):
+            with locks.named_lock("md-vol", str(theirs)):
+                pass

@@ -13,7 +13,7 @@ from oslo_log import log as logging
 
 from nvmeof_mp import plan as planner
 from nvmeof_mp.connection import Portal, Target
-from nvmeof_mp.exception import (AlreadyConnected, NVMeOFError, PortalConnectError,
+from nvmeof_mp.exception import (AlreadyConnected, DetachAborted, NVMeOFError, PortalConnectError,
                                  TargetUnreachable, VolumeDeviceNotFound)
 from nvmeof_mp.locks import subsystem_lock
 from nvmeof_mp.topology import Namespace, Snapshot, can_open_rw, udev_settled
@@ -229,9 +229,9 @@ class Attacher:
             if ns is not None and flush:
                 err = self.kernel.flush_device(ns.device)
                 if err:
+                    if not force:       # the volume stays attached: its data is not written
+                        raise DetachAborted(what=target.describe(), reason=err)
                     errors.append(err)
-                    if not force:
-                        return errors
             if ctrls:
                 errors += self.remove_controllers(ctrls, "detach of %s" % target.describe())
             elif ns is not None:

@@ -101,6 +101,17 @@ class VolumeRequest:
     def replicated(self):
         return self.mode in (Mode.RAID, Mode.DEVICE_MAPPER)
 
+    @property
+    def volume_key(self):
+        """What names this volume on the host (its lock): the md alias, the dm map, or the
+        namespace of a subsystem."""
+        if self.mode is Mode.RAID:
+            return "md:" + self.alias
+        if self.mode is Mode.DEVICE_MAPPER:
+            return "dm:" + self.vol_uuid
+        kind, value = self.target.identity
+        return "ns:%s|%s=%s" % (self.target.nqn, kind, value)
+
     def describe(self):
         if self.mode is Mode.RAID:
             return "raid1 %s over %d replicas" % (self.alias, len(self.targets))

@@ -31,8 +31,9 @@ class NVMeOFConnector:
     def __init__(self, root_helper=None, driver=None, use_multipath=False,
                  device_scan_attempts=5, *args, kernel=None, root="/",
                  clock=None, policy=None, lock_path=None, connect_method=None, conf=None,
-                 can_open=None, **kwargs):
+                 can_open=None, enforce_multipath=False, **kwargs):
         self._root_helper = root_helper
+        self.enforce_multipath = enforce_multipath      # Nova passes it to the factory
         self.driver = driver
         self.use_multipath = use_multipath
         self.device_scan_attempts = device_scan_attempts
@@ -102,11 +103,34 @@ class NVMeOFConnector:
 
     # -- connect -------------------------------------------------------------------------------
 
+    def _volume_lock(self, request):
+        """Attach, heal, extend and detach of one volume exclude each other."""
+        from nvmeof_mp.locks import volume_lock
+        return volume_lock(request.volume_key, self.lock_path)
+
     def connect_volume(self, connection_properties):
         """Attach the volume; returns ``{'type': 'block', 'path': '/dev/...'}`` plus details."""
         request = connection.parse(connection_properties)
         if LOG.isEnabledFor(logging.DEBUG):      # redacting costs ~2 ms under emulation
             LOG.debug("connect_volume %s", connection.redact(connection_properties))
+        self._check_multipath(request)
+        with self._volume_lock(request):
+            return self._connect(request)
+
+    def _check_multipath(self, request):
+        """os-brick's rule: multipath requested and enforced, but nvme_core multipath is off
+        -> refuse before touching anything; requested only -> a warning.  dm-multipath mode
+        needs device-mapper instead (checked by ``devmapper``)."""
+        if request.mode is Mode.DEVICE_MAPPER or not self.use_multipath:
+            return
+        if self.native_multipath():
+            return
+        if request.enforce_multipath or self.enforce_multipath:
+            from nvmeof_mp.exception import UnsupportedHost
+            raise UnsupportedHost(reason="multipath is enforced but nvme_core multipath is off "
+                                  "(/sys/module/nvme_core/parameters/multipath is N)")
+
+    def _connect(self, request):
         if request.mode is Mode.RAID:
             from nvmeof_mp import raid
             return raid.connect(self, request)
@@ -145,10 +169,14 @@ class NVMeOFConnector:
         so this is safe to run from a timer.  Returns {'healed', 'before', 'after'}.
         """
         request = connection.parse(connection_properties)
+        with self._volume_lock(request):
+            return self._heal(request, connection_properties)
+
+    def _heal(self, request, connection_properties):
         before = self.get_path_status(connection_properties)
         if not self.get_volume_paths(connection_properties):
             return {"attached": False, "healed": False, "before": before, "after": before}
-        self.connect_volume(connection_properties)
+        self._connect(request)
         # new controllers are live; give their namespace paths a moment to show up
         from nvmeof_mp.waiting import poll
         after = poll(lambda: _all_healthy(self.get_path_status(connection_properties)),
@@ -164,10 +192,21 @@ class NVMeOFConnector:
                           ignore_errors=False):
         """Detach the volume; a volume that is not attached is a no-op.
 
-        ``force`` goes on after a failed flush (data may be lost); ``ignore_errors`` turns
-        remaining errors into log lines, as in os-brick.
+        As os-brick: a failed flush (or md stop / dm remove) raises at once and leaves the
+        volume attached, unless ``force``, which goes on (data may be lost) and still raises
+        at the end; ``ignore_errors`` turns what is left to raise into log lines.
         """
         request = connection.parse(connection_properties)
+        with self._volume_lock(request):
+            errors = self._disconnect(request, force)
+        if errors:
+            msg = "Detach of %s: %s" % (request.describe(), "; ".join(errors))
+            if not ignore_errors:
+                raise NVMeOFError(msg)
+            LOG.warning("%s (ignored)", msg)
+        LOG.info("Detached %s", request.describe())
+
+    def _disconnect(self, request, force):
         if request.mode is Mode.RAID:
             from nvmeof_mp import raid
             errors = raid.disconnect(self, request, force=force)
@@ -176,12 +215,7 @@ class NVMeOFConnector:
             errors = devmapper.disconnect(self, request, force=force)
         else:
             errors = self.attacher.detach(request.target, force=force)
-        if errors:
-            msg = "Detach of %s: %s" % (request.describe(), "; ".join(errors))
-            if not (ignore_errors or force):
-                raise NVMeOFError(msg)
-            LOG.warning("%s (ignored)", msg)
-        LOG.info("Detached %s", request.describe())
+        return errors
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -200,18 +234,29 @@ class NVMeOFConnector:
         return [ns.device] if ns else []
 
     def check_valid_device(self, path, run_as_root=True):
-        """True when the block device can be opened and its first sector read."""
-        try:
-            with open(path, "rb", buffering=0) as f:
-                f.read(512)
-            return True
-        except OSError as e:
-            LOG.info("Device %s is not valid: %s", path, e)
-            return False
+        """True when the first sector of ``path`` can be read: as root with ``run_as_root``
+        (os-brick reads it with ``dd`` through the root helper: Cinder's service user may not
+        open the device), else as the calling process.  Answers within
+        ``blockdev.READ_TIMEOUT`` even when no path of the device is usable."""
+        from nvmeof_mp import blockdev
+        if run_as_root:
+            try:
+                error = self.kernel.read_first_sector(path)
+            except NVMeOFError as e:        # not a device of ours (the daemon refuses it)
+                error = str(e)
+        else:
+            error = blockdev.read_first_sector(path)
+        if error:
+            LOG.info("Device %s is not valid: %s", path, error)
+        return error is None
 
     def extend_volume(self, connection_properties):
         """Rescan and return the new size in bytes (md/dm grown when replicated)."""
         request = connection.parse(connection_properties)
+        with self._volume_lock(request):
+            return self._extend(request)
+
+    def _extend(self, request):
         if request.replicated:
             from nvmeof_mp import raid, devmapper
             module = raid if request.mode is Mode.RAID else devmapper

@@ -79,3 +79,10 @@ class LockDirectoryError(NVMeOFError):
     """The lock directory could be tampered with by another user: refused (fail closed)."""
 
     message = "Unsafe lock directory %(path)s: %(reason)s"
+
+
+class DetachAborted(NVMeOFError):
+    """A detach stopped before removing anything (a failed flush, md stop or dm remove): the
+    volume is still attached.  ``force`` goes on past it instead, as os-brick's does."""
+
+    message = "Detach of %(what)s stopped, the volume stays attached: %(reason)s"

@@ -7,12 +7,15 @@ UUID go through the privileged ``Kernel``.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import shutil
 import socket
 
 from nvmeof_mp.topology import listdir, read_attr
+
+LOG = logging.getLogger(__name__)      # plain logging: ``nvmeof-mp properties`` loads no oslo
 
 
 SYSTEM_UUID_CACHE = "/run/nvmeof_mp/system-uuid"
@@ -98,15 +101,18 @@ def connector_properties(info: HostInfo, multipath=False, enforce_multipath=Fals
         "enforce_multipath": bool(enforce_multipath),
         "nvme_native_multipath": info.native_multipath(),
     }
-    nqn, hostid = info.identity()
+    # os-brick gathers every connector's properties in one loop, so one that raises breaks
+    # every protocol's attach: what cannot be learned (the daemon does not start, no system
+    # UUID) is logged and left out.
+    nqn, hostid = _learn("host NQN and host ID", info.identity) or (None, None)
     if nqn:
         props["nqn"] = nqn
     if hostid:
         props["nvme_hostid"] = hostid
-    uuid = info.root_fs_uuid()
+    uuid = _learn("root filesystem UUID", info.root_fs_uuid)
     if uuid:
         props["uuid"] = uuid
-    suuid = info.system_uuid()
+    suuid = _learn("system UUID", info.system_uuid)
     if suuid:
         props["system uuid"] = suuid
     props["nvmeof_mp"] = {
@@ -117,6 +123,14 @@ def connector_properties(info: HostInfo, multipath=False, enforce_multipath=Fals
         "nvme_cli": info.tool("nvme"),
     }
     return props
+
+
+def _learn(what, fn):
+    try:
+        return fn()
+    except Exception as e:      # noqa: BLE001 - whatever a privileged call or a read raises
+        LOG.warning("Connector properties without the %s: %s: %s", what, type(e).__name__, e)
+        return None
 
 
 def supported_modes(info: HostInfo, native):

@@ -58,6 +58,10 @@ class Kernel(abc.ABC):
         """Flush a block device's buffers; returns an error text or None."""
 
     @abc.abstractmethod
+    def read_first_sector(self, path: str) -> str | None:
+        """Read a device's first sector as root (bounded in time); None or an error text."""
+
+    @abc.abstractmethod
     def ensure_host_identity(self) -> tuple[str, str]:
         """Create /etc/nvme/hostnqn and hostid if missing; return (hostnqn, hostid)."""
 
@@ -157,6 +161,11 @@ class PrivilegedKernel(Kernel):
         from nvmeof_mp.privileged import host
         self._count("flush_device")
         return host.flush_device(path)
+
+    def read_first_sector(self, path):
+        from nvmeof_mp.privileged import host
+        self._count("read_first_sector")
+        return host.read_first_sector(path)
 
     def ensure_host_identity(self):
         from nvmeof_mp.privileged import host

@@ -12,7 +12,7 @@ import os
 
 from oslo_log import log as logging
 
-from nvmeof_mp.exception import NVMeOFError, ReplicaError
+from nvmeof_mp.exception import DetachAborted, NVMeOFError, ReplicaError
 
 LOG = logging.getLogger(__name__)
 
@@ -49,21 +49,21 @@ def exists(connector, path):
 def teardown(connector, request, path, remove, force):
     """Flush the joined device, ``remove()`` it (md stop / dm remove), then detach the replicas.
 
-    A failed step stops the detach unless ``force``: the replicas must not go away under a
-    device that still holds unwritten data.  Returns the list of error texts.
+    A failed step raises ``DetachAborted`` unless ``force``: the replicas must not go away
+    under a device that still holds unwritten data.  Returns the list of error texts.
     """
     errors = []
     if exists(connector, path):
         err = connector.kernel.flush_device(path)
         if err:
+            if not force:       # the replicas must not go away under unwritten data
+                raise DetachAborted(what=path, reason=err)
             errors.append(err)
-            if not force:
-                return errors
         result = remove()
         if not result["ok"]:
-            errors.append(result["error"])
             if not force:
-                return errors
+                raise DetachAborted(what=path, reason=result["error"])
+            errors.append(result["error"])
     for target in request.targets:
         errors += connector.attacher.detach(target, flush=False, force=force)
     return errors

@@ -65,3 +65,29 @@ class FifoLock:
         """Holder plus waiters (for tests and debugging)."""
         with self._mutex:
             return int(self._held) + len(self._waiters)
+
+
+def run_with_deadline(fn, timeout: float, name: str = "deadline"):
+    """``fn()`` in a thread of its own; ``(True, result)`` when it finished within ``timeout``
+    seconds, else ``(False, None)`` while it goes on in the background.
+
+    For I/O the kernel may queue for as long as a path is away (a read or a flush on a device
+    without a live path): the caller gets its answer in bounded time, the thread ends when the
+    kernel completes or fails the I/O.  An exception of ``fn`` is raised to the caller.
+    """
+    box = {}
+    done = threading.Event()
+
+    def run():
+        try:
+            box["result"] = fn()
+        except BaseException as e:      # noqa: B036 - handed to the caller
+            box["error"] = e
+        finally:
+            done.set()
+    threading.Thread(target=run, name="nvmeof-" + name, daemon=True).start()
+    if not done.wait(timeout):
+        return False, None
+    if "error" in box:
+        raise box["error"]
+    return True, box["result"]

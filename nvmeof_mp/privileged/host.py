@@ -104,6 +104,16 @@ def device_path(path):
 
 
 @privileged.default.entrypoint
+def read_first_sector(path):
+    """Can root read the device?  (``check_valid_device(run_as_root=True)``: Cinder's service
+    user may not open it.)  None, or the reason it cannot; bounded in time."""
+    from nvmeof_mp import blockdev
+    if not isinstance(path, str):
+        raise PrivilegedArgumentError("not a device path")
+    return blockdev.read_first_sector(device_path(os.path.realpath(path)))
+
+
+@privileged.default.entrypoint
 def flush_device(path):
     """Write back and drop the buffer cache of a block device before it goes away."""
     path = device_path(path)

@@ -271,6 +271,12 @@ class SimHost(SimStorage, Kernel):
         self.flushed.append(path)
         return self.flush_error
 
+    def read_first_sector(self, path):
+        """Root's read of a device node of the simulated host (paths as the host sees them)."""
+        self._count("read_first_sector")
+        from nvmeof_mp import blockdev
+        return blockdev.read_first_sector(os.path.join(self.root, path.lstrip("/")))
+
     def ensure_host_identity(self):
         self._count("ensure_host_identity")
         from nvmeof_mp.privileged.host import ensure_identity_files

@@ -19,17 +19,22 @@ import dataclasses
 import enum
 import ipaddress
 import re
+import unicodedata
 import uuid as uuidlib
 from collections.abc import Mapping
 from typing import Any
 
 from nvmeof_mp.exception import InvalidConnectionInfo
 
-# NVMe base spec 4.5: NQN is at most 223 bytes, UTF-8, "nqn.yyyy-mm.<reverse domain>[:<string>]"
-# (or the UUID-based form, which fits the same pattern).  Commas, '=' and whitespace are refused
-# because the NQN travels inside the kernel's comma-separated fabrics option string.
+# NQNs are taken as real targets name them (Cinder's nvmet helper makes
+# "nqn.nvme-subsystem-1-<uuid>", not the spec's "nqn.yyyy-mm.<domain>:..."): what is refused is
+# what the kernel refuses (more than 223 bytes, empty) and what would split the kernel's
+# comma-separated "key=value" fabrics option string or an argv: ',', '=', whitespace, control
+# and format characters, and a leading '-'.
 NQN_MAX_BYTES = 223
-_NQN_RE = re.compile(r"^nqn\.\d{4}-(0[1-9]|1[0-2])\.[A-Za-z0-9][A-Za-z0-9.-]*(:[^\s,=]+)?$")
+# An IPv6 scope ID names a network interface (Linux: at most 15 bytes, no '/', ':' or
+# whitespace) or is its index; Python's ipaddress would take any text after '%'.
+_SCOPE_RE = re.compile(r"^(?:[A-Za-z0-9_.-]{1,15}|\d{1,10})$")
 _ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _SECRET_RE = re.compile(r"^DHHC-1:0[0-3]:[A-Za-z0-9+/=]+:$")
 _TRANSPORTS = {"tcp": "tcp", "rdma": "rdma", "rocev2": "rdma"}
@@ -239,10 +244,24 @@ def validate_nqn(value, key):
         raise InvalidConnectionInfo(key, "must be a non-empty string")
     if len(value.encode("utf-8")) > NQN_MAX_BYTES:
         raise InvalidConnectionInfo(key, "longer than %d bytes" % NQN_MAX_BYTES)
-    if not _NQN_RE.match(value):
-        raise InvalidConnectionInfo(key, "not an NVMe Qualified Name (nqn.yyyy-mm.domain[:id], "
-                                    "no spaces, commas or '='): %r" % value)
+    bad = unsafe_char(value)
+    if bad:
+        raise InvalidConnectionInfo(key, "not usable as an NVMe Qualified Name: %s" % bad)
     return value
+
+
+def unsafe_char(value):
+    """Why ``value`` cannot travel in a fabrics option string or an argv, or None."""
+    if value.startswith("-"):
+        return "starts with '-'"
+    for ch in value:
+        if ch in ",=":
+            return "contains %r" % ch
+        if unicodedata.category(ch)[0] == "C":
+            return "contains a control or format character (U+%04X)" % ord(ch)
+        if ch.isspace():
+            return "contains whitespace"
+    return None
 
 
 def _portals(value, key):
@@ -264,10 +283,18 @@ def validate_portal(item, key):
     traddr, trsvcid, transport = item
     if not isinstance(traddr, str) or not traddr:
         raise InvalidConnectionInfo(key, "traddr must be a non-empty string")
+    address, percent, scope = traddr.strip("[]").partition("%")
+    if percent and not _SCOPE_RE.match(scope):
+        raise InvalidConnectionInfo(key, "traddr %r: the IPv6 scope ID must be an interface "
+                                    "name or index" % traddr)
     try:
-        traddr = str(ipaddress.ip_address(traddr.strip("[]")))
+        ip = ipaddress.ip_address(address)
     except ValueError:
         raise InvalidConnectionInfo(key, "traddr %r is not an IPv4 or IPv6 address" % traddr)
+    if percent and ip.version != 6:
+        raise InvalidConnectionInfo(key, "traddr %r: a scope ID needs an IPv6 address"
+                                    % traddr)
+    traddr = str(ip) + percent + scope
     if isinstance(trsvcid, bool):
         raise InvalidConnectionInfo(key, "trsvcid must be a port number")
     try:

@@ -55,9 +55,9 @@ def test_ipv6_portal_is_normalised():
 class TestInvalid(unittest.TestCase):
     @ddt.data(
         ({"portals": [P1], "vol_uuid": UUID}, "target_nqn", "missing"),
-        (conninfo(target_nqn="iqn.2010-10.org:foo"), "target_nqn", "not an NVMe"),
+        (conninfo(target_nqn="nqn.2014-08.org.x:a\nb"), "target_nqn", "control"),
         (conninfo(target_nqn="nqn.2014-08.org.x:" + "a" * 220), "target_nqn", "223 bytes"),
-        (conninfo(target_nqn="nqn.2014-08.org.x:a,traddr=1.2.3.4"), "target_nqn", "NVMe"),
+        (conninfo(target_nqn="nqn.2014-08.org.x:a,traddr=1.2.3.4"), "target_nqn", "','"),
         (conninfo(portals=[]), "portals", "non-empty"),
         (conninfo(portals=[("127.0.0.1", 0, "tcp")]), "portals[0]", "outside 1-65535"),
         (conninfo(portals=[("127.0.0.1", 65536, "tcp")]), "portals[0]", "outside 1-65535"),
@@ -70,7 +70,7 @@ class TestInvalid(unittest.TestCase):
         ({"target_nqn": NQN, "portals": [P1]}, "vol_uuid", "one of vol_uuid"),
         (conninfo(ns_id="zero"), "ns_id", "not a namespace id"),
         (conninfo(volume_nguid="123"), "volume_nguid", "NGUID"),
-        (conninfo(host_nqn="bad host"), "host_nqn", "not an NVMe"),
+        (conninfo(host_nqn="bad host"), "host_nqn", "whitespace"),
         (conninfo(dhchap_secret="hunter2"), "dhchap_secret", "DH-HMAC-CHAP"),
         ({"volume_replicas": [REPLICA_A], "dm_replicas": [REPLICA_B], "alias": "x"},
          "dm_replicas", "cannot be combined"),

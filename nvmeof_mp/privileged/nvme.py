@@ -20,6 +20,7 @@ from nvmeof_mp.exception import InvalidConnectionInfo, PrivilegedArgumentError
 
 FABRICS_DEV = "/dev/nvme-fabrics"
 SYS_CLASS_NVME = "/sys/class/nvme"
+SYS_CLASS_NET = "/sys/class/net"
 _CTRL_RE = re.compile(r"^nvme\d{1,5}$")
 _HOSTID_RE = re.compile(r"^[0-9a-fA-F-]{32,36}$")
 TUNABLE_ATTRS = ("ctrl_loss_tmo", "reconnect_delay", "fast_io_fail_tmo")
@@ -50,6 +51,10 @@ def connect_options(opts):
             connection.validate_nqn(host_nqn, "host_nqn")
     except InvalidConnectionInfo as e:
         raise PrivilegedArgumentError(str(e))
+    scope = portal.traddr.partition("%")[2]
+    if scope and not scope.isdigit() and not os.path.isdir(os.path.join(SYS_CLASS_NET, scope)):
+        raise PrivilegedArgumentError("IPv6 scope ID %r is not an interface of this host"
+                                      % scope)
     host_id = opts.get("host_id")
     if host_id is not None and not _HOSTID_RE.match(str(host_id)):
         raise PrivilegedArgumentError("host_id is not a UUID")
@@ -142,6 +147,13 @@ def fabrics_option_string(opts):
     for key, kname in names:
         if opts.get(key) is not None:
             parts.append("%s=%s" % (kname, opts[key]))
+    for part in parts:      # the last check before the kernel parses it: one option each
+        value = part.split("=", 1)[1]
+        bad = connection.unsafe_char(value.replace("=", "")
+                                     if part.startswith("dhchap") else value)
+        if bad or not value:
+            raise PrivilegedArgumentError("option %s refused: %s" % (
+                part.split("=", 1)[0], bad or "empty"))     # never echo a value: a secret
     return ",".join(parts)
 
 

@@ -1,0 +1,119 @@
+"""What Cinder really sends is accepted; what could smuggle options into the kernel is not.
+
+The connection infos are the shapes cinder 29.0.0's nvmet target helper produced in the lab
+(target_prefix ``nvme-subsystem-1`` as devstack sets it, Cinder's default prefix, a shared
+target named after the host), and the KumoScale driver's single-replica form.
+"""
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from nvmeof_mp import connection
+from nvmeof_mp.exception import InvalidConnectionInfo, PrivilegedArgumentError
+from nvmeof_mp.privileged import nvme
+
+VOL = "5f0c3b7e-7a55-4b8e-9d0c-2b1f6a4e8c31"
+CINDER_NQNS = [
+    "nqn.nvme-subsystem-1-" + VOL,                        # devstack's target_prefix
+    "nqn.nvme-subsystem-1-compute-1",                     # lvm_share_target: one per host
+    "nqn.iqn.2010-10.org.openstack:-" + VOL,              # Cinder's default target_prefix
+    "nqn.2014-08.org.openstack:volume-" + VOL,            # spec form
+]
+
+
+@pytest.mark.parametrize("nqn", CINDER_NQNS)
+def test_cinder_nvmet_v2_connection_info(nqn):
+    info = {"target_nqn": nqn, "vol_uuid": VOL, "ns_id": "10",
+            "portals": [["192.0.2.10", "4420", "tcp"], ["192.0.2.11", 4420, "RoCEv2"]]}
+    req = connection.parse(info)
+    assert req.target.nqn == nqn and req.target.uuid == VOL
+    assert [p.transport for p in req.target.portals] == ["tcp", "rdma"]
+
+
+@pytest.mark.parametrize("nqn", CINDER_NQNS)
+def test_cinder_nvmet_v1_connection_info(nqn):
+    info = {"target_portal": "192.0.2.10", "target_port": 4420, "nqn": nqn,
+            "transport_type": "tcp", "ns_id": 10, "volume_nguid": None}
+    req = connection.parse(info)
+    assert req.target.nqn == nqn and req.target.nsid == 10
+
+
+@pytest.mark.parametrize("nqn", CINDER_NQNS)
+def test_the_daemon_accepts_what_the_client_accepts(nqn):
+    opts = nvme.connect_options({"nqn": nqn, "traddr": "192.0.2.10", "trsvcid": "4420",
+                                 "transport": "tcp"})
+    assert nvme.fabrics_option_string(opts).split(",")[0] == "nqn=" + nqn
+
+
+@pytest.mark.parametrize("nqn,reason", [
+    ("nqn.x:" + "a" * 220, "223 bytes"),
+    ("nqn.x:a,hostnqn=evil", "','"),
+    ("nqn.x:a=b", "'='"),
+    ("nqn.x:a\nb", "control"),
+    ("nqn.x: a", "whitespace"),
+    ("nqn.x:\u200ba", "control"),          # a zero-width space: format character
+    ("-n", "'-'"),
+    ("", "non-empty"),
+])
+def test_nqns_the_kernel_or_a_tool_would_split_are_refused(nqn, reason):
+    with pytest.raises(InvalidConnectionInfo, match=reason) as exc:
+        connection.parse({"target_nqn": nqn, "vol_uuid": VOL,
+                          "portals": [["192.0.2.10", 4420, "tcp"]]})
+    assert exc.value.key == "target_nqn"
+
+
+@pytest.mark.parametrize("traddr", [
+    "fe80::1%eth0,tls_key=123\nduplicate_connect",
+    "fe80::1%eth0,host_iface=eth1",
+    "fe80::1%eth 0",
+    "fe80::1%" + "e" * 16,                 # longer than an interface name can be
+    "fe80::1%",
+    "fe80::1%a/b",
+])
+def test_ipv6_scope_ids_cannot_smuggle_fabrics_options(traddr):
+    with pytest.raises(InvalidConnectionInfo, match="scope"):
+        connection.parse({"target_nqn": CINDER_NQNS[0], "vol_uuid": VOL,
+                          "portals": [[traddr, 4420, "tcp"]]})
+    with pytest.raises(PrivilegedArgumentError):
+        nvme.connect_options({"nqn": CINDER_NQNS[0], "traddr": traddr, "trsvcid": "4420",
+                              "transport": "tcp"})
+
+
+def test_the_daemon_wants_a_scope_id_that_names_an_interface_of_the_host():
+    with pytest.raises(PrivilegedArgumentError, match="not an interface"):
+        nvme.connect_options(dict(BASE, traddr="fe80::1%nosuchif0"))
+    assert nvme.connect_options(dict(BASE, traddr="fe80::1%1"))["traddr"] == "fe80::1%1"
+
+
+def test_a_real_interface_scope_id_is_kept():
+    req = connection.parse({"target_nqn": CINDER_NQNS[0], "vol_uuid": VOL,
+                            "portals": [["fe80::1%lo", 4420, "tcp"]]})
+    assert req.target.portals[0].traddr == "fe80::1%lo"
+
+
+_hostile = st.text(alphabet=st.sampled_from(list(",=\n\r\t %:-\x00\x7f\u200b\u2028/\\\"'")
+                                            + list("abcnqn.19-0:")), max_size=40)
+KEYS = ("nqn", "traddr", "trsvcid", "transport", "host_nqn", "host_id", "dhchap_secret",
+        "dhchap_ctrl_secret")
+BASE = {"nqn": CINDER_NQNS[3], "traddr": "fe80::1%lo", "trsvcid": "4420", "transport": "tcp",
+        "host_nqn": "nqn.2014-08.org.nvmexpress:uuid:" + VOL, "host_id": VOL}
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from(KEYS), _hostile, _hostile)
+def test_fuzz_nothing_hostile_reaches_the_fabrics_option_string(key, prefix, hostile):
+    """Whatever a caller sends the daemon, the option string it writes to /dev/nvme-fabrics
+    has exactly the options the daemon chose, each once, and no line break."""
+    opts = dict(BASE)
+    opts[key] = (opts.get(key) or "") + prefix + hostile
+    try:
+        text = nvme.fabrics_option_string(nvme.connect_options(opts))
+    except PrivilegedArgumentError:
+        return
+    assert "\n" not in text and "\r" not in text and "\x00" not in text
+    names = [part.split("=", 1)[0] for part in text.split(",")]
+    assert len(names) == len(set(names))
+    assert set(names) <= {"nqn", "transport", "traddr", "trsvcid", "hostnqn", "hostid",
+                          "dhchap_secret", "dhchap_ctrl_secret"}
+    assert all(part.count("=") == 1 or part.startswith("dhchap") for part in text.split(","))
+    assert all(not any(c.isspace() for c in part) for part in text.split(","))

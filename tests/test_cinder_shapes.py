@@ -117,3 +117,31 @@ def test_fuzz_nothing_hostile_reaches_the_fabrics_option_string(key, prefix, hos
                           "dhchap_secret", "dhchap_ctrl_secret"}
     assert all(part.count("=") == 1 or part.startswith("dhchap") for part in text.split(","))
     assert all(not any(c.isspace() for c in part) for part in text.split(","))
+
+
+@pytest.fixture
+def controllers(tmp_path, monkeypatch):
+    """A /sys/class/nvme with a fabrics controller of ours and a local PCIe disk's."""
+    base = tmp_path / "class-nvme"
+    for name, transport in (("nvme0", "pcie"), ("nvme1", "tcp"), ("nvme2", "rdma")):
+        (base / name).mkdir(parents=True)
+        (base / name / "transport").write_text(transport + "\n")
+        for attr in ("delete_controller", "rescan_controller", "ctrl_loss_tmo"):
+            (base / name / attr).write_text("")
+    monkeypatch.setattr(nvme, "SYS_CLASS_NVME", str(base))
+    return base
+
+
+def test_the_daemon_acts_only_on_fabrics_controllers(controllers):
+    """delete_controller, rescan_controllers and set_controller_attrs take their names
+    through ``fabrics_controller``: a local PCIe disk's controller is never touched."""
+    for act in (lambda n: nvme.fabrics_controller(n),
+                lambda n: nvme._write_attr(n, "ctrl_loss_tmo", -1)):
+        with pytest.raises(PrivilegedArgumentError, match="not a fabrics controller"):
+            act("nvme0")
+        with pytest.raises(PrivilegedArgumentError, match="not a fabrics controller"):
+            act("nvme9")                # gone, or never there
+    assert (controllers / "nvme0" / "delete_controller").read_text() == ""
+    assert nvme.fabrics_controller("nvme1") == "nvme1"
+    assert nvme._write_attr("nvme2", "ctrl_loss_tmo", -1) is None
+    assert (controllers / "nvme2" / "ctrl_loss_tmo").read_text() == "-1"

@@ -57,8 +57,11 @@ def test_connect_failure_is_reported_not_already(fake_nvme):
     assert result["already"] is False and "Connection refused" in result["error"]
 
 
-def test_connect_success_parses_json_device(fake_nvme, monkeypatch):
+def test_connect_success_parses_json_device(fake_nvme, monkeypatch, tmp_path):
     log = fake_nvme('{"device":"nvme1"}', 0)
+    (tmp_path / "nvme1").mkdir()
+    (tmp_path / "nvme1" / "transport").write_text("tcp\n")
+    monkeypatch.setattr(nvme, "SYS_CLASS_NVME", str(tmp_path))
     written = []
     monkeypatch.setattr(nvme, "_write_sysfs", lambda n, a, v: written.append((n, a, v)))
     result = nvme._connect_cli(nvme.connect_options(dict(GOOD)))

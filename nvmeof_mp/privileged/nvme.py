@@ -81,6 +81,24 @@ def controller_name(name):
     return name
 
 
+FABRICS_TRANSPORTS = ("tcp", "rdma")     # what this library connects
+
+
+def fabrics_controller(name):
+    """``name`` if it is a controller over a fabrics transport we connect: never a local PCIe
+    disk's controller (nor one that is gone)."""
+    name = controller_name(name)
+    try:
+        with open(os.path.join(SYS_CLASS_NVME, name, "transport")) as f:
+            transport = f.read().strip()
+    except OSError:
+        transport = None
+    if transport not in FABRICS_TRANSPORTS:
+        raise PrivilegedArgumentError("%s is not a fabrics controller (transport %s)"
+                                      % (name, transport))
+    return name
+
+
 @privileged.default.entrypoint
 def connect_portal(opts, method="nvme-cli"):
     """Create one fabrics controller.  Returns {'controller': 'nvmeN'} or {'error', 'errno',
@@ -217,20 +235,20 @@ def _connect_cli(opts):
 @privileged.default.entrypoint
 def delete_controller(name):
     """Disconnect one controller (what ``nvme disconnect -d`` does, without a process)."""
-    return _write_sysfs(controller_name(name), "delete_controller", "1")
+    return _write_sysfs(fabrics_controller(name), "delete_controller", "1")
 
 
 @privileged.default.entrypoint
 def rescan_controllers(names):
     """Ask live controllers to rescan their namespaces (one call for all of them)."""
-    return {name: _write_sysfs(controller_name(name), "rescan_controller", "1")
+    return {name: _write_sysfs(fabrics_controller(name), "rescan_controller", "1")
             for name in names}
 
 
 @privileged.default.entrypoint
 def set_controller_attrs(name, attrs):
     """Write timeout attributes of a connected controller (only TUNABLE_ATTRS)."""
-    name = controller_name(name)
+    name = fabrics_controller(name)
     out = {}
     for attr, value in dict(attrs).items():
         out[attr] = _write_attr(name, attr, value)
@@ -238,6 +256,7 @@ def set_controller_attrs(name, attrs):
 
 
 def _write_attr(name, attr, value):
+    name = fabrics_controller(name)
     if attr not in TUNABLE_ATTRS:
         raise PrivilegedArgumentError("attribute %r is not tunable" % (attr,))
     if value == "off" or value == -1:

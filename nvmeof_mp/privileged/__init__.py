@@ -1,8 +1,9 @@
 """The privsep context of nvmeof_mp.
 
 Every root action runs in a daemon started through ``privsep-helper`` with the root helper
-(``sudo nvmeof-mp-rootwrap /etc/nvmeof_mp/rootwrap.conf``); the rootwrap filter in
-``etc/rootwrap.d/nvmeof_mp.filters`` lets only this context start.  Entrypoints live in the
+or by ``[nvmeof_mp_privileged] helper_command`` with the sudoers rule in
+``etc/sudoers.d/nvmeof_mp``, the one configuration that lets the service user start this context
+and no other (rootwrap always allows ``privsep-helper`` with any arguments).  Entrypoints live in the
 sibling modules; each does one narrow thing and validates its arguments again inside the daemon.
 """
 

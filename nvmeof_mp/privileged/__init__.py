@@ -2,9 +2,10 @@
 
 Every root action runs in a daemon started through ``privsep-helper`` with the root helper
 or by ``[nvmeof_mp_privileged] helper_command`` with the sudoers rule in
-``etc/sudoers.d/nvmeof_mp``, the one configuration that lets the service user start this context
-and no other (rootwrap always allows ``privsep-helper`` with any arguments).  Entrypoints live in the
-sibling modules; each does one narrow thing and validates its arguments again inside the daemon.
+``etc/sudoers.d/nvmeof_mp``, the one configuration that lets the service user start this
+context and no other (rootwrap always allows ``privsep-helper`` with any arguments).
+Entrypoints live in the sibling modules; each does one narrow thing and validates its
+arguments again inside the daemon.
 """
 
 from oslo_config import cfg

@@ -316,6 +316,9 @@ class DeadChannel:
     running = False
     closed = False
 
+    def __init__(self, running=False):
+        self.running = running
+
     def close(self):
         self.closed = True
 
@@ -328,7 +331,7 @@ def test_a_dead_forked_daemon_is_restarted_by_the_next_call(monkeypatch):
     monkeypatch.setattr(privileged.default, "channel", dead)
     monkeypatch.setattr(privileged.default, "start",
                         lambda method: started.append(method) or setattr(
-                            privileged.default, "channel", "new"))
+                            privileged.default, "channel", DeadChannel(running=True)))
     privileged.ensure_started()
     assert dead.closed and started == [privileged.priv_context.Method.FORK]
     privileged.ensure_started()                      # running now: nothing more

@@ -60,6 +60,17 @@ def test_sim_gives_up_a_finite_controller_after_ctrl_loss_tmo(lab):
     assert lab.sim.controllers(NQN) == ["nvme1"]
 
 
+def test_attach_during_an_outage_raises_a_finite_ctrl_loss_tmo_in_time(lab):
+    lab.target(namespaces=((1, UUID), (2, UUID2)))
+    lab.new_connector(policy=TimeoutPolicy(ctrl_loss_tmo=60)).connect_volume(conninfo())
+    lab.sim.path_down(NQN, 4420)
+    lab.sim.clock.sleep(30)
+    lab.connector.connect_volume(conninfo(uuid=UUID2))       # default policy, nvme1 live
+    assert lab.sysfs("class/nvme/nvme0/ctrl_loss_tmo") == "off"
+    lab.sim.clock.sleep(120)
+    assert lab.sim.controllers(NQN) == ["nvme0", "nvme1"]
+
+
 def test_infinite_ctrl_loss_tmo_of_a_foreign_controller_is_never_lowered(make_lab):
     lab = make_lab(use_multipath=False)
     lab.target(ports=(4420,))

@@ -190,19 +190,25 @@ class SimHost(SimStorage, Kernel):
                 self.clock.at(1.0, lambda c=c: self._set_state(c, "live"))
 
     def _start_loss_timer(self, ctrl):
-        """The kernel gives a lost controller up after ctrl_loss_tmo ("off": never)."""
+        """The kernel gives a lost controller up after ctrl_loss_tmo ("off": never), counting
+        with the value it has when it checks (an attach may raise it meanwhile)."""
         ctrl.outages += 1
-        outage = ctrl.outages
-        with open(os.path.join(self._ctrl_dir(ctrl.name), "ctrl_loss_tmo")) as f:
-            tmo = f.read().strip()
-        if tmo != "off" and int(tmo) >= 0:
-            self.clock.at(int(tmo), lambda: self._loss_timer_ran_out(ctrl, outage))
+        self._loss_check(ctrl, ctrl.outages, self.clock.now)
 
-    def _loss_timer_ran_out(self, ctrl, outage):
+    def _loss_check(self, ctrl, outage, since):
         with self.lock:
-            if (self.ctrls.get(ctrl.name) is ctrl and ctrl.outages == outage
-                    and ctrl.state != "live"):
+            if (self.ctrls.get(ctrl.name) is not ctrl or ctrl.outages != outage
+                    or ctrl.state == "live"):
+                return
+            with open(os.path.join(self._ctrl_dir(ctrl.name), "ctrl_loss_tmo")) as f:
+                tmo = f.read().strip()
+            if tmo == "off" or int(tmo) < 0:
+                return
+            left = since + int(tmo) - self.clock.now
+            if left <= 0:
                 self._delete(ctrl.name)
+            else:
+                self.clock.at(left, lambda: self._loss_check(ctrl, outage, since))
 
     def expire(self, name):
         """ctrl_loss_tmo ran out: the kernel deletes the controller by itself."""

@@ -8,7 +8,7 @@ import pytest
 
 from nvmeof_mp.lab.workload import Writer, verify, wait_for
 
-from test_gate import NQN, U2, controllers, info, one_subsystem
+from test_gate import NQN, U2, controllers, info, one_subsystem, record
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 HELPER = NQN + "-helper"
@@ -42,6 +42,7 @@ def test_single_path_with_its_only_controller_connecting_uses_the_next_portal(ta
     start = time.monotonic()
     again = single.connect_volume(info())
     took = time.monotonic() - start
+    record("single path, only controller connecting: attach via the next portal %.3fs" % took)
     assert took < single.policy.device_timeout / 2       # no wait for the attach timeout
     states = {p["portal"]: p["state"] for p in again["paths"]}
     assert states["tcp://127.0.0.1:4421"] == "live"

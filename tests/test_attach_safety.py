@@ -347,3 +347,42 @@ def test_a_dead_forked_daemon_is_restarted_by_the_next_call(monkeypatch):
     assert dead.closed and started == [privileged.priv_context.Method.FORK]
     privileged.ensure_started()                      # running now: nothing more
     assert len(started) == 1
+
+
+def _children():
+    me = str(os.getpid())
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/stat" % pid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me and fields[0] != "Z":
+            out.append(int(pid))
+    return out
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="forks a real privsep daemon: needs root")
+def test_real_forked_daemon_killed_between_calls_is_started_again(monkeypatch):
+    """Without a root helper oslo.privsep would restart a dead daemon through sudo and
+    privsep-helper (FailedToDropPrivileges on a host without them): we fork a new one."""
+    import signal
+    import time
+    from nvmeof_mp import privileged
+    from nvmeof_mp.kernel import PrivilegedKernel
+    monkeypatch.setattr(privileged, "_fork_when_root", True)
+    kernel = PrivilegedKernel()
+    before = set(_children())
+    try:
+        first = kernel.read_system_uuid()
+        [daemon] = set(_children()) - before
+        os.kill(daemon, signal.SIGKILL)             # what an OOM kill or a crash does
+        os.waitpid(daemon, 0)
+        deadline = time.monotonic() + 5
+        while privileged.default.channel.running and time.monotonic() < deadline:
+            time.sleep(0.01)                        # the channel's reader sees the EOF
+        assert kernel.read_system_uuid() == first   # a new daemon, forked again
+        assert len(set(_children()) - before) == 1
+    finally:
+        privileged.default.stop()

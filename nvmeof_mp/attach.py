@@ -26,7 +26,15 @@ from nvmeof_mp.topology import Namespace, Snapshot, can_open_rw, udev_settled
 from nvmeof_mp.waiting import poll
 
 LOG = logging.getLogger(__name__)
-_UNNAMED = object()     # a connect reply that reports success but names no controller
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unnamed:
+    """A connect reply that does not say which controller exists now: success without a
+    name (nvme-cli output that could not be parsed), or a failure without an errno (the
+    kernel took the options but its reply could not be read): look in sysfs."""
+
+    reason: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,9 +237,10 @@ class Attacher:
         return failures
 
     def _name_unknown(self, target, before, host_nqn, portals, results, progress):
-        """Record created controllers; a success whose reply named no controller (nvme-cli
-        output that could not be parsed) is looked up in sysfs, else it is a failure."""
-        unknown = [p for p, r in zip(portals, results, strict=True) if r is _UNNAMED]
+        """Record created controllers; a reply that does not say which controller exists
+        (``_Unnamed``) is looked up in sysfs: found, it is ours; else a failure."""
+        unknown = [p for p, r in zip(portals, results, strict=True)
+                   if isinstance(r, _Unnamed)]
         found = {}
         if unknown:
             progress.in_doubt[:] = unknown
@@ -242,11 +251,12 @@ class Attacher:
             progress.in_doubt.clear()
         out = []
         for portal, result in zip(portals, results, strict=True):
-            if result is _UNNAMED:
-                result = found.get(portal) or PortalConnectError(
-                    portal, "connected, but no controller of it is to be found")
+            if isinstance(result, _Unnamed):
+                reason = result.reason
+                result = found.get(portal) or PortalConnectError(portal, reason)
                 if isinstance(result, str):
-                    LOG.warning("Connect of %s named no controller; found %s", portal, result)
+                    LOG.warning("Connect of %s named no controller (%s); found %s", portal,
+                                reason, result)
             if isinstance(result, str):
                 progress.created.append(result)
             out.append(result)
@@ -273,7 +283,9 @@ class Attacher:
         if reply.get("already"):
             return AlreadyConnected(portal, "already connected")
         if not reply.get("error") and "controller" in reply:
-            return _UNNAMED             # connected, but the reply does not say as what
+            return _Unnamed("connected, but the reply names no controller")
+        if reply.get("error") and reply.get("errno") is None:
+            return _Unnamed(reply["error"])
         return PortalConnectError(portal, reply.get("error") or "unknown error",
                                   reply.get("errno"))
 

@@ -246,6 +246,26 @@ def test_unknown_controller_name_is_cleaned_up_when_the_attach_fails(make_lab):
     assert lab.sim.controllers() == []
 
 
+def test_unreadable_kernel_reply_after_the_controller_was_made_is_not_a_leak(make_lab):
+    """The write to /dev/nvme-fabrics went through, its reply had no instance=: the
+    controller exists although the reply reads as a failure (no errno)."""
+    lab = make_lab(use_multipath=False)
+    target = lab.target()
+    real = lab.sim.connect
+
+    def connect(opts):
+        real(opts)
+        return {"error": "unexpected reply ''", "errno": None, "already": False}
+    lab.sim.connect = connect
+    result = lab.connector.connect_volume(conninfo())
+    assert result["failed_portals"] == [] and lab.sim.controllers() == ["nvme0"]
+    lab.connector.disconnect_volume(conninfo(), result)
+    target.hidden_nsids.add(1)
+    with pytest.raises(VolumeDeviceNotFound):
+        lab.connector.connect_volume(conninfo())
+    assert lab.sim.controllers() == []
+
+
 @pytest.mark.parametrize("error", [RuntimeError("interrupted"), KeyError("state")])
 def test_any_exception_while_waiting_for_the_device_leaves_no_controller(lab, error):
     lab.target()

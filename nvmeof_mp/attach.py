@@ -274,7 +274,8 @@ class Attacher:
 
     @staticmethod
     def _outcome(target: Target, portal: Portal, reply):
-        """A kernel reply -> controller name, AlreadyConnected or PortalConnectError."""
+        """A kernel reply -> controller name, AlreadyConnected, PortalConnectError, or
+        ``_Unnamed`` when the reply does not tell whether or as what a controller exists."""
         if isinstance(reply, Exception):
             return PortalConnectError(portal, str(reply))
         if reply.get("controller"):

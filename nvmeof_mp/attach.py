@@ -3,11 +3,17 @@
 Flow: snapshot (sysfs, narrowed to the target's NQN) -> plan (pure) -> privileged calls ->
 wait for the kernel (adaptive polling under a deadline) -> result.  All of it under the lock of
 (subsystem NQN, host NQN), so volumes of other subsystems proceed in parallel.
+
+A failed attach, whatever raised (a refused portal, a privsep daemon that died with the reply
+of a connect, a bug), leaves no controller it created: the ones it knows by name, plus, for
+connects whose reply was lost, the controllers of the target's portals that the snapshot taken
+before connecting did not show (the lock keeps other users of this library out meanwhile).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import uuid
 
 from oslo_log import log as logging
 
@@ -20,6 +26,15 @@ from nvmeof_mp.topology import Namespace, Snapshot, can_open_rw, udev_settled
 from nvmeof_mp.waiting import poll
 
 LOG = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unnamed:
+    """A connect reply that does not say which controller exists now: success without a
+    name (nvme-cli output that could not be parsed), or a failure without an errno (the
+    kernel took the options but its reply could not be read): look in sysfs."""
+
+    reason: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +65,37 @@ class TargetAttachment:
                 "failed_portals": [str(f.portal) for f in self.failures]}
 
 
+# A per-volume host NQN needs a host ID of its own: the kernel keeps one host ID per host NQN
+# and refuses a second NQN with an ID it knows ("found same hostid ... but different hostnqn").
+UUID_NQN_PREFIX = "nqn.2014-08.org.nvmexpress:uuid:"
+# Name-based host IDs (uuid5) are made in this namespace.  Never change it: the kernel refuses a
+# host NQN whose ID differs from the one its live controllers were made with.
+HOST_ID_NAMESPACE = uuid.UUID("5d0c8f3e-2a7b-4e61-9c55-0b8e4f1a7d23")
+
+
+def volume_host_id(host_nqn: str, own_host_id: str | None) -> str:
+    """The host ID written with a per-volume host NQN: the UUID of a
+    ``nqn.2014-08.org.nvmexpress:uuid:<uuid>`` NQN (what nvme-cli derives too), else a UUID
+    made from the NQN's name; never the host's own ID."""
+    own = str(own_host_id or "").strip().lower()
+    if host_nqn.lower().startswith(UUID_NQN_PREFIX):
+        try:
+            found = uuid.UUID(host_nqn[len(UUID_NQN_PREFIX):])
+        except ValueError:
+            found = None
+        if found is not None and found.int and str(found) != own:
+            return str(found)
+    return str(uuid.uuid5(HOST_ID_NAMESPACE, host_nqn))
+
+
+@dataclasses.dataclass
+class _Progress:
+    """What an attach made so far, for the cleanup when it fails."""
+
+    created: list = dataclasses.field(default_factory=list)       # controller names
+    in_doubt: list = dataclasses.field(default_factory=list)      # portals, reply lost
+
+
 class Attacher:
     """Executes connect/disconnect plans for single targets."""
 
@@ -74,27 +120,62 @@ class Attacher:
             LOG.debug("Plan for %s: reuse %s, connect %s, rescan %s", target.describe(),
                       [(str(p), c) for p, c in plan.reuse], [str(p) for p in plan.connect],
                       plan.rescan)
-            if plan.rescan:
-                self.kernel.rescan_controllers(plan.rescan)
-            self._apply_policy(snap, plan, replica_leg)
-            created, failures = self._connect(plan, host_nqn, host_id, replica_leg)
-            if not plan.reuse and not created and not any(
-                    isinstance(f, AlreadyConnected) for f in failures):
-                raise TargetUnreachable(target.nqn, failures)
+            progress = _Progress()
             try:
-                snap, ns = self._wait_device(target, all_portals and len(target.portals) > 1,
-                                             replica_leg)
-            except NVMeOFError:
-                self.remove_controllers(created, "attach of %s failed" % target.describe())
+                attachment = self._attach(snap, plan, host_nqn, host_id, replica_leg, progress)
+            except BaseException:
+                self._undo(snap, plan, host_nqn, progress)
                 raise
-            attachment = TargetAttachment(
-                target, ns, tuple(created), tuple(f for f in failures
-                                                  if not isinstance(f, AlreadyConnected)),
-                planner.path_report(ns, snap, target.nqn))
         if attachment.degraded:
             LOG.warning("%s attached DEGRADED at %s: %s", target.describe(), attachment.device,
                         attachment.summary())
         return attachment
+
+    def _attach(self, before, plan, host_nqn, host_id, replica_leg, progress):
+        target = plan.target
+        if plan.rescan:
+            self.kernel.rescan_controllers(plan.rescan)
+        self._apply_policy(before, plan, replica_leg)
+        failures = self._connect(plan, host_nqn, host_id, replica_leg, before, progress)
+        if not plan.reuse and not progress.created and not any(
+                isinstance(f, AlreadyConnected) for f in failures):
+            raise TargetUnreachable(target.nqn, failures)
+        snap, ns = self._wait_device(target, plan.all_portals and len(target.portals) > 1,
+                                     replica_leg)
+        return TargetAttachment(
+            target, ns, tuple(progress.created), tuple(f for f in failures
+                                                       if not isinstance(f, AlreadyConnected)),
+            planner.path_report(ns, snap, target.nqn))
+
+    def _undo(self, before, plan, host_nqn, progress):
+        """Delete what a failed attach created; never raises (the attach's error matters)."""
+        target = plan.target
+        names = list(progress.created)
+        if progress.in_doubt:
+            try:
+                names += [c.name for c in self._new_controllers(target, before, host_nqn,
+                                                                progress.in_doubt)
+                          if c.name not in names]
+            except Exception:
+                LOG.exception("Could not look for the controllers of %s a failed attach may "
+                              "have made", target.describe())
+        for name in names:
+            try:
+                self.remove_controllers([name], "attach of %s failed" % target.describe())
+            except Exception:
+                LOG.exception("Could not delete controller %s after the failed attach of %s",
+                              name, target.describe())
+
+    def _new_controllers(self, target, before, host_nqn, portals):
+        """Controllers of ``target`` on ``portals`` (and ``host_nqn``) that ``before`` did not
+        show: the ones made by connects whose reply was lost.  Reads sysfs once; only ever
+        called when a reply was lost."""
+        old = {(c.name, c.portal) for c in before.controllers(target.nqn)}
+        now = self.sysfs.snapshot([target.nqn])
+        return [c for c in now.controllers(target.nqn)
+                if (c.name, c.portal) not in old and c.state != "deleting"
+                and any(planner.controller_matches(c, target.nqn, p, host_nqn)
+                        for p in portals)]
 
     def _apply_policy(self, snap, plan, replica_leg):
         """Bring reused controllers to the timeout policy (only where they differ)."""
@@ -110,42 +191,76 @@ class Attacher:
     def _identity(self, target):
         host_nqn, host_id = self.host_identity()
         if target.host_nqn and target.host_nqn != host_nqn:
-            return target.host_nqn, None     # a per-volume host NQN has no host ID of ours
+            return target.host_nqn, volume_host_id(target.host_nqn, host_id)
         return host_nqn, host_id
 
-    def _connect(self, plan, host_nqn, host_id, replica_leg):
+    def _connect(self, plan, host_nqn, host_id, replica_leg, before, progress):
         """Connect the planned portals: all together (one kernel call for all of them), or
-        one after another until one works."""
+        one after another until one works.  Controller names go to ``progress.created`` as
+        soon as they are known; a call that raised leaves its portals in ``progress.in_doubt``
+        and the exception goes up (the attach is undone)."""
         if not plan.connect:
-            return [], []
+            return []
         options = self.policy.controller_options(replica_leg)
         target = plan.target
         if plan.all_portals:
             opts = [self._connect_opts(target, p, host_nqn, host_id, options)
                     for p in plan.connect]
+            progress.in_doubt[:] = plan.connect
             try:
                 replies = self.kernel.connect_all(opts)
             except NVMeOFError as e:
                 replies = [e] * len(opts)
+            progress.in_doubt.clear()
             results = [self._outcome(target, p, r) for p, r in zip(plan.connect, replies,
                                                                       strict=True)]
+            results = self._name_unknown(target, before, host_nqn, plan.connect, results,
+                                         progress)
         else:
             results = []
             for portal in plan.connect:
                 opts = self._connect_opts(target, portal, host_nqn, host_id, options)
+                progress.in_doubt[:] = [portal]
                 try:
                     reply = self.kernel.connect(opts)
                 except NVMeOFError as e:
                     reply = e
-                results.append(self._outcome(target, portal, reply))
+                progress.in_doubt.clear()
+                results += self._name_unknown(target, before, host_nqn, [portal],
+                                              [self._outcome(target, portal, reply)], progress)
                 if isinstance(results[-1], (str, AlreadyConnected)):
                     break
-        created = [r for r in results if isinstance(r, str)]
         failures = [r for r in results if isinstance(r, PortalConnectError)]
         for f in failures:
             if not isinstance(f, AlreadyConnected):
                 LOG.warning("Portal %s of %s: %s", f.portal, target.nqn, f.reason)
-        return created, failures
+        return failures
+
+    def _name_unknown(self, target, before, host_nqn, portals, results, progress):
+        """Record created controllers; a reply that does not say which controller exists
+        (``_Unnamed``) is looked up in sysfs: found, it is ours; else a failure."""
+        unknown = [p for p, r in zip(portals, results, strict=True)
+                   if isinstance(r, _Unnamed)]
+        found = {}
+        if unknown:
+            progress.in_doubt[:] = unknown
+            for ctrl in self._new_controllers(target, before, host_nqn, unknown):
+                for portal in unknown:
+                    if planner.controller_matches(ctrl, target.nqn, portal, host_nqn):
+                        found.setdefault(portal, ctrl.name)
+            progress.in_doubt.clear()
+        out = []
+        for portal, result in zip(portals, results, strict=True):
+            if isinstance(result, _Unnamed):
+                reason = result.reason
+                result = found.get(portal) or PortalConnectError(portal, reason)
+                if isinstance(result, str):
+                    LOG.warning("Connect of %s named no controller (%s); found %s", portal,
+                                reason, result)
+            if isinstance(result, str):
+                progress.created.append(result)
+            out.append(result)
+        return out
 
     @staticmethod
     def _connect_opts(target: Target, portal: Portal, host_nqn, host_id, options):
@@ -159,7 +274,8 @@ class Attacher:
 
     @staticmethod
     def _outcome(target: Target, portal: Portal, reply):
-        """A kernel reply -> controller name, AlreadyConnected or PortalConnectError."""
+        """A kernel reply -> controller name, AlreadyConnected, PortalConnectError, or
+        ``_Unnamed`` when the reply does not tell whether or as what a controller exists."""
         if isinstance(reply, Exception):
             return PortalConnectError(portal, str(reply))
         if reply.get("controller"):
@@ -167,6 +283,10 @@ class Attacher:
             return reply["controller"]
         if reply.get("already"):
             return AlreadyConnected(portal, "already connected")
+        if not reply.get("error") and "controller" in reply:
+            return _Unnamed("connected, but the reply names no controller")
+        if reply.get("error") and reply.get("errno") is None:
+            return _Unnamed(reply["error"])
         return PortalConnectError(portal, reply.get("error") or "unknown error",
                                   reply.get("errno"))
 
@@ -207,9 +327,20 @@ class Attacher:
                       self.clock.monotonic() - start, seen.get("visible", -1),
                       seen.get("udev", -1))
             return found
-        if seen.get("ns") is not None:
-            return seen["snap"], seen["ns"]      # visible, but no usable path: degraded
-        raise VolumeDeviceNotFound(device=target.describe())
+        snap, ns = seen.get("snap"), seen.get("ns")
+        if ns is None:
+            raise VolumeDeviceNotFound(device=target.describe())
+        if not planner.usable_path(ns, snap, target.nqn):
+            paths = ", ".join("%s %s%s" % (p.portal, p.state,
+                                           "/" + p.ana_state if p.ana_state else "")
+                              for p in planner.path_report(ns, snap, target.nqn))
+            raise VolumeDeviceNotFound(
+                "%s is visible as %s but has no usable path after %ss (%s)" % (
+                    target.describe(), ns.device, self.policy.device_timeout,
+                    paths or "no paths"), device=ns.device)
+        LOG.warning("udev has not processed %s after %ss: handing it out anyway", ns.device,
+                    self.policy.device_timeout)
+        return snap, ns
 
     # -- detach ------------------------------------------------------------------------------
 

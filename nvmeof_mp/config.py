@@ -14,10 +14,12 @@ from nvmeof_mp.policy import TimeoutPolicy
 GROUP = "nvmeof_mp"
 
 OPTS = [
-    cfg.IntOpt("ctrl_loss_tmo", default=600, min=-1,
+    cfg.IntOpt("ctrl_loss_tmo", default=-1, min=-1,
                help="Seconds the kernel keeps reconnecting a lost controller before deleting "
-                    "it (-1: forever).  Finite by default: a path given up on is brought back "
-                    "by check_paths / 'nvmeof-mp heal'."),
+                    "it and its block devices (-1: forever, as os-brick does).  With -1 a "
+                    "volume survives a target outage of any length; a finite value must be "
+                    "longer than the longest planned outage (e.g. an array upgrade).  "
+                    "Controllers an attach reuses are never given a shorter timeout."),
     cfg.IntOpt("reconnect_delay", default=2, min=1,
                help="Seconds between reconnect attempts of a lost controller; a returning "
                     "path is used again within about this time."),

@@ -13,6 +13,11 @@ import collections
 import threading
 
 
+class _Raised:
+    def __init__(self, error):
+        self.error = error
+
+
 class Kernel(abc.ABC):
     """Root actions the connector needs.  Every call here is one privileged call."""
 
@@ -39,7 +44,13 @@ class Kernel(abc.ABC):
                 return self.connect(opts)
             except NVMeOFError as e:
                 return e
-        return threads.map_concurrently("connect", one, opts_list)
+            except Exception as e:      # raised below, once no connect is in flight any more
+                return _Raised(e)
+        replies = threads.map_concurrently("connect", one, opts_list)
+        for reply in replies:
+            if isinstance(reply, _Raised):
+                raise reply.error
+        return replies
 
     @abc.abstractmethod
     def delete_controller(self, name: str) -> str | None:

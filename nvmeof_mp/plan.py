@@ -61,15 +61,18 @@ def plan_connect(target: Target, snapshot: Snapshot, host_nqn, all_portals: bool
     """Decide which portals need a new controller.
 
     With ``all_portals`` (native multipath) every portal without a controller is connected.
-    Otherwise (single path) nothing is connected when any portal already has a controller;
-    else the portals are tried in the given order until one works.
+    Otherwise (single path) nothing is connected when a portal has a live controller; else the
+    portals without a controller are tried in the given order until one works (as os-brick
+    does), so a controller stuck reconnecting to a portal that is down does not hold the
+    attach.  Only when every portal has a controller on its way to live is nothing connected:
+    the attach then waits for one of them.
     """
     found = existing_controllers(target, snapshot, host_nqn)
     reuse = tuple((p, found[p].name) for p in target.portals if p in found)
-    if all_portals:
+    if all_portals or not any(c.live for c in found.values()):
         connect = tuple(p for p in target.portals if p not in found)
     else:
-        connect = () if found else target.portals
+        connect = ()
     device = find_namespace(target, snapshot)
     rescan = () if device else tuple(found[p].name for p in target.portals
                                      if p in found and found[p].live)
@@ -162,24 +165,49 @@ def plan_disconnect(target: Target, snapshot: Snapshot, host_nqn) -> tuple[Names
 
 
 TUNABLE = ("ctrl_loss_tmo", "reconnect_delay", "fast_io_fail_tmo")
+INFINITE = float("inf")
+
+
+def timeout_seconds(value):
+    """A timeout as sysfs shows it or the policy gives it -> seconds; ``off`` or a negative
+    value is infinite.  None when unknown (an older kernel does not show it)."""
+    if value is None:
+        return None
+    if str(value).strip() == "off":
+        return INFINITE
+    try:
+        seconds = int(value)
+    except (TypeError, ValueError):
+        return None
+    return INFINITE if seconds < 0 else seconds
 
 
 def attr_updates(controllers, wanted: dict):
-    """Timeout attributes of existing controllers that differ from the policy.
+    """Timeout changes for controllers an attach reuses (it did not create them).
 
-    -> {controller name: {attr: value}}.  An attribute the kernel does not show (older
-    kernels) is left alone; ``-1`` is shown as ``off``.
+    -> {controller name: {attr: value}}, in the order to write them.  ``ctrl_loss_tmo`` and
+    ``fast_io_fail_tmo`` only ever grow towards the policy: a controller someone made with
+    ``-1`` (``off``, infinite) or a longer timeout keeps it.  ``reconnect_delay`` is set to the
+    policy; the kernel keeps ctrl_loss_tmo as a number of reconnects, so after a changed delay
+    a finite ctrl_loss_tmo is written again (at least its old seconds).  An attribute the
+    kernel does not show (older kernels) is left alone.
     """
     out = {}
     for ctrl in controllers:
         diff = {}
-        for attr in TUNABLE:
-            if attr not in wanted:
+        delay = timeout_seconds(ctrl.reconnect_delay)
+        if wanted.get("reconnect_delay") is not None and delay not in (
+                None, wanted["reconnect_delay"]):
+            diff["reconnect_delay"] = wanted["reconnect_delay"]
+        for attr in ("ctrl_loss_tmo", "fast_io_fail_tmo"):
+            now = timeout_seconds(getattr(ctrl, attr))
+            want = timeout_seconds(wanted.get(attr))
+            if now is None or want is None:
                 continue
-            current = getattr(ctrl, attr)
-            want = "off" if wanted[attr] == -1 else str(wanted[attr])
-            if current is not None and current != want:
+            if want > now:
                 diff[attr] = wanted[attr]
+            elif attr == "ctrl_loss_tmo" and "reconnect_delay" in diff and now != INFINITE:
+                diff[attr] = now                # keep the loss time in seconds
         if diff:
             out[ctrl.name] = diff
     return out

@@ -1,11 +1,16 @@
 """Timeout policy for fabrics controllers, chosen per attach mode.
 
-Defaults are chosen for multipath: a finite ``ctrl_loss_tmo`` (a dead path is given up after
-10 minutes and healed by ``check_paths``), a short ``reconnect_delay`` so a returning path is used
-again within seconds, and ``fast_io_fail_tmo`` on replica legs (md, dm-multipath) so I/O on a
-lost leg fails over in about a second instead of queueing until ctrl_loss_tmo.  A single path, or
-native multipath, keeps queueing: there the kernel itself requeues I/O on another path, and
-failing I/O fast on the only path would hurt the VM.
+``ctrl_loss_tmo`` is -1 by default, as os-brick has it since its bug 1964385: a lost controller
+is reconnected forever, so a volume survives a target outage of any length (an array upgrade)
+instead of vanishing under a running VM when the kernel gives the controller up.  A short
+``reconnect_delay`` uses a returning path again within seconds.  ``fast_io_fail_tmo`` is set on
+replica legs (md, dm-multipath) so I/O on a lost leg fails over in about a second instead of
+queueing; a single path, or native multipath, keeps queueing: there the kernel itself requeues
+I/O on another path, and failing I/O fast on the only path would hurt the VM.
+
+The policy is written as is onto controllers an attach creates.  Controllers it reuses (made
+by an earlier attach, another volume or another tool) are only ever moved towards longer
+timeouts (``plan.attr_updates``).  doc/source/timeouts.rst explains the trade-off.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ UDEV_MODES = ("auto", "always", "never")
 
 @dataclasses.dataclass(frozen=True)
 class TimeoutPolicy:
-    ctrl_loss_tmo: int | None = 600
+    ctrl_loss_tmo: int | None = -1            # reconnect forever (os-brick's choice)
     reconnect_delay: int | None = 2
     keep_alive_tmo: int | None = None
     nr_io_queues: int | None = None

@@ -332,7 +332,7 @@ def test_per_volume_host_nqn_is_used(lab):
 def test_replica_leg_timeouts_are_applied(lab):
     lab.target()
     lab.connector.connect_volume(conninfo())
-    assert lab.sysfs("class/nvme/nvme0/ctrl_loss_tmo") == "600"
+    assert lab.sysfs("class/nvme/nvme0/ctrl_loss_tmo") == "off"       # -1: reconnect forever
     assert lab.sysfs("class/nvme/nvme0/reconnect_delay") == "2"
     assert lab.sysfs("class/nvme/nvme0/fast_io_fail_tmo") == "off"
 
@@ -389,9 +389,9 @@ def test_reused_controllers_get_the_timeout_policy(lab):
     lab.connector.connect_volume(conninfo())           # already at the policy: no call
     assert lab.sim.calls["set_controller_attrs"] == calls
     with open(os.path.join(lab.root, "sys/class/nvme/nvme1/ctrl_loss_tmo"), "w") as f:
-        f.write("-1\n")                                 # e.g. connected by hand before
+        f.write("30\n")                                 # e.g. connected by hand before
     lab.connector.connect_volume(conninfo())
-    assert lab.sysfs("class/nvme/nvme1/ctrl_loss_tmo") == "600"
+    assert lab.sysfs("class/nvme/nvme1/ctrl_loss_tmo") == "off"     # raised, never lowered
     assert lab.sim.calls["set_controller_attrs"] == calls + 1
 
 

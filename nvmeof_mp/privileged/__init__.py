@@ -8,6 +8,8 @@ Entrypoints live in the sibling modules; each does one narrow thing and validate
 arguments again inside the daemon.
 """
 
+import threading
+
 from oslo_config import cfg
 from oslo_privsep import capabilities as caps
 from oslo_privsep import priv_context
@@ -36,6 +38,7 @@ DAEMON_THREADS = 32
 cfg.CONF.set_default("thread_pool_size", DAEMON_THREADS, group="nvmeof_mp_privileged")
 
 _fork_when_root = False
+_start_lock = threading.Lock()
 
 
 def init(root_helper=None):
@@ -56,9 +59,18 @@ def init(root_helper=None):
 
 
 def ensure_started():
-    """Start the daemon by forking when we are root and no root helper was given."""
-    if _fork_when_root and default.channel is None:
-        default.start(priv_context.Method.FORK)
+    """Start the daemon by forking when we are root and no root helper was given; also
+    after the forked daemon died (oslo.privsep would restart it through the root helper)."""
+    if not _fork_when_root:
+        return
+    channel = default.channel
+    if channel is not None and channel.running:
+        return
+    with _start_lock:
+        if default.channel is not None and not default.channel.running:
+            default.stop()          # the daemon died: its calls failed with an OSError
+        if default.channel is None:
+            default.start(priv_context.Method.FORK)
 
 
 # Import every entrypoint module with the context, so the daemon loads them while it starts

@@ -106,6 +106,8 @@ class SimController:
     hostnqn: str
     state: str = "live"
     namespaces: dict = dataclasses.field(default_factory=dict)   # nsid -> device name
+    hostid: str = HOST_ID
+    outages: int = 0            # counts path losses: a reconnect ends the loss timer
 
 
 class SimHost(SimStorage, Kernel):
@@ -178,6 +180,7 @@ class SimHost(SimStorage, Kernel):
             p.mode = "refuse"
             for c in self._ctrls_on(p, nqn):
                 self._set_state(c, "connecting")
+                self._start_loss_timer(c)
 
     def path_up(self, nqn, trsvcid):
         with self.lock:
@@ -185,6 +188,27 @@ class SimHost(SimStorage, Kernel):
             p.mode = "up"
             for c in self._ctrls_on(p, nqn):
                 self.clock.at(1.0, lambda c=c: self._set_state(c, "live"))
+
+    def _start_loss_timer(self, ctrl):
+        """The kernel gives a lost controller up after ctrl_loss_tmo ("off": never), counting
+        with the value it has when it checks (an attach may raise it meanwhile)."""
+        ctrl.outages += 1
+        self._loss_check(ctrl, ctrl.outages, self.clock.now)
+
+    def _loss_check(self, ctrl, outage, since):
+        with self.lock:
+            if (self.ctrls.get(ctrl.name) is not ctrl or ctrl.outages != outage
+                    or ctrl.state == "live"):
+                return
+            with open(os.path.join(self._ctrl_dir(ctrl.name), "ctrl_loss_tmo")) as f:
+                tmo = f.read().strip()
+            if tmo == "off" or int(tmo) < 0:
+                return
+            left = since + int(tmo) - self.clock.now
+            if left <= 0:
+                self._delete(ctrl.name)
+            else:
+                self.clock.at(left, lambda: self._loss_check(ctrl, outage, since))
 
     def expire(self, name):
         """ctrl_loss_tmo ran out: the kernel deletes the controller by itself."""
@@ -221,6 +245,11 @@ class SimHost(SimStorage, Kernel):
             key = (opts["traddr"], str(opts["trsvcid"]), opts["transport"])
             portal = next((p for p in target.portals if p.key == key), None) if target else None
             hostnqn = opts.get("host_nqn") or HOST_NQN
+            hostid = opts.get("host_id") or HOST_ID
+            clash = self._host_clash(hostnqn, hostid)
+            if clash:
+                return {"error": "Failed to write to /dev/nvme-fabrics: Invalid argument",
+                        "errno": errnolib.EINVAL, "already": False}
             for c in self.ctrls.values():
                 if (c.nqn == opts["nqn"] and c.portal.key == key and c.hostnqn == hostnqn
                         and c.state != "deleting"):
@@ -233,6 +262,21 @@ class SimHost(SimStorage, Kernel):
         self.clock.sleep(3.0)
         return {"error": "Failed to write to /dev/nvme-fabrics: Connection timed out",
                 "errno": errnolib.ETIMEDOUT, "already": False}
+
+    def _host_clash(self, hostnqn, hostid):
+        """The kernel's host table: one host ID per host NQN and back (the default host is
+        this host's NQN and ID).  -> the kernel's complaint, or None."""
+        hosts = {(HOST_NQN, HOST_ID)} | {(c.hostnqn, c.hostid) for c in self.ctrls.values()}
+        for nqn, hid in hosts:
+            if hid == hostid and nqn != hostnqn:
+                msg = "found same hostid %s but different hostnqn %s" % (hostid, hostnqn)
+            elif nqn == hostnqn and hid != hostid:
+                msg = "found same hostnqn %s but different hostid %s" % (hostnqn, hostid)
+            else:
+                continue
+            self.log.append("nvme_fabrics: " + msg)
+            return msg
+        return None
 
     def _connected(self, target, portal, hostnqn, opts):
         with self.lock:
@@ -263,7 +307,7 @@ class SimHost(SimStorage, Kernel):
         self._count("set_controller_attrs")
         with self.lock:
             for attr, value in attrs.items():
-                _write(os.path.join(self._ctrl_dir(name), attr), str(value))
+                _write(os.path.join(self._ctrl_dir(name), attr), _shown(value))
             return {a: None for a in attrs}
 
     def flush_device(self, path):
@@ -311,7 +355,8 @@ class SimHost(SimStorage, Kernel):
             os.symlink("../../devices/virtual/nvme-subsystem/" + sname,
                        os.path.join(self.sys, "class/nvme-subsystem", sname))
         sname = self.subsystems[target.nqn][0]
-        ctrl = SimController(name, inst, sname, target.nqn, portal, hostnqn)
+        ctrl = SimController(name, inst, sname, target.nqn, portal, hostnqn,
+                             hostid=opts.get("host_id") or HOST_ID)
         cdir = self._ctrl_dir(name)
         os.makedirs(cdir)
         attrs = {"state": "live", "transport": portal.transport, "subsysnqn": target.nqn,
@@ -320,9 +365,9 @@ class SimHost(SimStorage, Kernel):
                                                                    portal.traddr),
                  "hostnqn": hostnqn, "hostid": opts.get("host_id") or HOST_ID,
                  "cntlid": str(inst + 1), "kato": str(opts.get("keep_alive_tmo") or 5),
-                 "ctrl_loss_tmo": str(opts.get("ctrl_loss_tmo", 600)),
+                 "ctrl_loss_tmo": _shown(opts.get("ctrl_loss_tmo", 600)),
                  "reconnect_delay": str(opts.get("reconnect_delay", 10)),
-                 "fast_io_fail_tmo": str(opts.get("fast_io_fail_tmo", "off"))}
+                 "fast_io_fail_tmo": _shown(opts.get("fast_io_fail_tmo", -1))}
         for attr, value in attrs.items():
             _write(os.path.join(cdir, attr), value)
         os.symlink("../../devices/virtual/nvme-fabrics/ctl/" + name,
@@ -501,6 +546,12 @@ class SimHost(SimStorage, Kernel):
 
     def controllers(self, nqn=None):
         return sorted(n for n, c in self.ctrls.items() if nqn is None or c.nqn == nqn)
+
+
+def _shown(value):
+    """How sysfs shows a timeout: a negative one (infinite) as ``off``."""
+    return "off" if value in ("off", "-1") or (isinstance(value, int) and value < 0) else str(
+        value)
 
 
 def _uuid_form(hexstr):

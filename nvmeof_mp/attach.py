@@ -44,6 +44,7 @@ class TargetAttachment:
     created: tuple[str, ...]
     failures: tuple[PortalConnectError, ...]
     paths: tuple[planner.PathReport, ...]
+    all_portals: bool = True        # False: one path was asked for (single path)
 
     @property
     def device(self):
@@ -51,8 +52,12 @@ class TargetAttachment:
 
     @property
     def degraded(self):
-        wanted = {str(p) for p in self.target.portals}
+        """Fewer paths than asked for: every portal (native multipath), or one live path
+        (single path: the other portals are spares, not missing paths)."""
         live = {p.portal for p in self.paths if p.state == "live"}
+        if not self.all_portals:
+            return not live
+        wanted = {str(p) for p in self.target.portals}
         return bool(self.failures) or not wanted <= live
 
     def summary(self):
@@ -145,7 +150,7 @@ class Attacher:
         return TargetAttachment(
             target, ns, tuple(progress.created), tuple(f for f in failures
                                                        if not isinstance(f, AlreadyConnected)),
-            planner.path_report(ns, snap, target.nqn))
+            planner.path_report(ns, snap, target.nqn), plan.all_portals)
 
     def _undo(self, before, plan, host_nqn, progress):
         """Delete what a failed attach created; never raises (the attach's error matters)."""

@@ -122,3 +122,15 @@ def test_properties_never_raise(tmp_path, monkeypatch, caplog):
     assert "nqn" not in props and "nvme_hostid" not in props and "system uuid" not in props
     assert props["nvme_native_multipath"] is True and "platform" in props
     assert "privsep helper command exited non-zero" in caplog.text
+
+
+def test_single_path_with_spare_portals_is_not_degraded(make_lab, caplog):
+    """Nova's default (volume_use_multipath=False) connects one portal of several: that is
+    what was asked for, not a degraded attach (no warning at every attach)."""
+    lab = make_lab(use_multipath=False)
+    lab.target()
+    lab.sim.portal(NQN, 4420).mode = "refuse"
+    result = lab.connector.connect_volume(conninfo())
+    assert result["degraded"] is False
+    assert result["failed_portals"] == ["tcp://127.0.0.1:4420"]
+    assert "DEGRADED" not in caplog.text

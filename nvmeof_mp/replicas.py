@@ -18,7 +18,11 @@ LOG = logging.getLogger(__name__)
 
 
 def attach_all(connector, request):
-    """-> list of (target, TargetAttachment or None, error or None), in request order."""
+    """-> list of (target, TargetAttachment or None, error or None), in request order.
+
+    A replica that fails with an NVMeOFError is reported; any other exception (a privsep
+    transport error, a bug) undoes the replicas attached meanwhile and is raised.
+    """
     def one(target):
         all_portals = len(target.portals) > 1 and connector.native_multipath()
         try:
@@ -27,19 +31,38 @@ def attach_all(connector, request):
             LOG.warning("Replica %s of %s could not be attached: %s", target.describe(),
                         request.describe(), e)
             return target, None, e
+        except Exception as e:      # noqa: BLE001 - raised below, after the undo
+            return target, None, e
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(request.targets)) as pool:
         results = list(pool.map(one, request.targets))
+    unexpected = [e for _, _, e in results if e is not None and not isinstance(e, NVMeOFError)]
+    if unexpected:
+        undo(connector, results, "attach of %s failed" % request.describe())
+        raise unexpected[0]
     if not any(att for _, att, _ in results):
         raise ReplicaError(reason="no replica of %s could be attached: %s" % (
             request.describe(), "; ".join(str(e) for _, _, e in results)))
     return results
 
 
-def undo(connector, results, why):
-    """Remove the controllers these attaches created (nothing left behind after a failure)."""
+def undo(connector, results, why, remove=None):
+    """Put the host back as it was after a failed connect: ``remove()`` the md array or dm map
+    this connect made (None when it existed before: a heal must not tear down a running
+    volume), then delete the controllers these attaches created.  Never raises: the caller
+    re-raises the original error."""
+    if remove is not None:
+        try:
+            result = remove()
+            if not result.get("ok"):
+                LOG.debug("Undo (%s): %s", why, result.get("error"))
+        except Exception:
+            LOG.exception("Undo (%s) could not remove the joined device", why)
     for _, att, _ in results:
         if att and att.created:
-            connector.attacher.remove_controllers(att.created, why)
+            try:
+                connector.attacher.remove_controllers(att.created, why)
+            except Exception:
+                LOG.exception("Undo (%s) could not delete %s", why, ", ".join(att.created))
 
 
 def exists(connector, path):

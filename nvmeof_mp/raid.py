@@ -11,7 +11,6 @@ from __future__ import annotations
 from oslo_log import log as logging
 
 from nvmeof_mp import replicas
-from nvmeof_mp.exception import ReplicaError
 from nvmeof_mp.locks import named_lock
 
 LOG = logging.getLogger(__name__)

@@ -78,9 +78,19 @@ def connect(connector, request):
 
 
 def disconnect(connector, request, force=False):
-    """Flush, stop queueing so nothing hangs, remove the map, then the replicas."""
+    """Flush, stop queueing so nothing hangs, remove the map, then the replicas.
+
+    With no active path in the map a flush could only queue: the detach fails at once, or
+    with ``force`` the map stops queueing first (queued I/O fails) and is removed.
+    """
+    name, kernel = map_name(request), connector.kernel
+
+    def dead():
+        status = kernel.dm_status(name)
+        return status is not None and "A" not in status.values()
     return replicas.teardown(connector, request, device_path(request),
-                             lambda: connector.kernel.dm_remove(map_name(request)), force)
+                             lambda: kernel.dm_remove(name), force, dead=dead,
+                             unqueue=lambda: kernel.dm_message(name, "fail_if_no_path"))
 
 
 def volume_paths(connector, request):

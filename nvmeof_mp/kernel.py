@@ -54,8 +54,9 @@ class Kernel(abc.ABC):
         """Write tunable timeout attributes of a controller."""
 
     @abc.abstractmethod
-    def flush_device(self, path: str) -> str | None:
-        """Flush a block device's buffers; returns an error text or None."""
+    def flush_device(self, path: str, timeout: float | None = None) -> str | None:
+        """Flush a block device's buffers; returns an error text or None.  Gives up after
+        ``timeout`` seconds (an error) when the device does not answer."""
 
     @abc.abstractmethod
     def ensure_host_identity(self) -> tuple[str, str]:
@@ -153,10 +154,10 @@ class PrivilegedKernel(Kernel):
         self._count("set_controller_attrs")
         return nvme.set_controller_attrs(name, dict(attrs))
 
-    def flush_device(self, path):
+    def flush_device(self, path, timeout=None):
         from nvmeof_mp.privileged import host
         self._count("flush_device")
-        return host.flush_device(path)
+        return host.flush_device(path, timeout)
 
     def ensure_host_identity(self):
         from nvmeof_mp.privileged import host

@@ -69,15 +69,26 @@ def exists(connector, path):
     return os.path.exists(os.path.join(connector.root, path.lstrip("/")))
 
 
-def teardown(connector, request, path, remove, force):
+def teardown(connector, request, path, remove, force, dead=None, unqueue=None):
     """Flush the joined device, ``remove()`` it (md stop / dm remove), then detach the replicas.
 
     A failed step stops the detach unless ``force``: the replicas must not go away under a
-    device that still holds unwritten data.  Returns the list of error texts.
+    device that still holds unwritten data.  ``dead()`` says that no path can serve a flush
+    (it would only queue): the detach then stops at once, or with ``force`` calls
+    ``unqueue()`` (queued I/O fails) and goes on without the flush.  A flush gives up after
+    ``policy.flush_timeout``.  Returns the list of error texts.
     """
     errors = []
     if exists(connector, path):
-        err = connector.kernel.flush_device(path)
+        if dead is not None and dead():
+            err = "no active path in %s: flush impossible" % path
+            if not force:
+                return [err + "; detach with force to discard what is queued"]
+            unqueue()
+            errors.append(err + " (detached without it)")
+            err = None
+        else:
+            err = connector.kernel.flush_device(path, connector.policy.flush_timeout)
         if err:
             errors.append(err)
             if not force:

@@ -34,3 +34,161 @@ def test_md_stop_keeps_the_link_when_the_stop_failed_or_it_still_resolves(tmp_pa
     (tmp_path / "md127").write_text("")              # udev re-made it for a new array
     storage.stop_array("vol1", dev=str(tmp_path))
     assert os.path.islink(md / "vol1")
+
+
+# -- bounded detach: the flush never waits for a path that cannot answer ----------------------
+
+import threading  # noqa: E402
+
+import pytest  # noqa: E402
+
+from nvmeof_mp.exception import NVMeOFError  # noqa: E402
+from nvmeof_mp.privileged import host  # noqa: E402
+
+from simlab import NQN, UUID, UUID2, conninfo  # noqa: E402
+from test_replicated import NQA, NQB, UUID_TOP, dm_info  # noqa: E402
+
+
+def all_paths_down(lab, nqn=NQN, ports=(4420, 4421)):
+    for port in ports:
+        lab.sim.path_down(nqn, port)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_detach_with_every_path_dead_fails_fast_and_keeps_the_volume(make_lab, native):
+    lab = make_lab(native=native)
+    lab.target()
+    lab.connector.connect_volume(conninfo())
+    ctrls = lab.sim.controllers()
+    all_paths_down(lab)
+    start = lab.sim.clock.now
+    with pytest.raises(NVMeOFError, match="no live path"):
+        lab.connector.disconnect_volume(conninfo(), None)
+    assert lab.sim.clock.now - start < 1.0
+    assert lab.sim.controllers() == ctrls           # queued data kept; a retry or force decides
+    assert lab.sim.calls["flush_device"] == 0       # a flush could only have queued
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_forced_detach_with_every_path_dead_deletes_at_once(make_lab, native):
+    lab = make_lab(native=native)
+    lab.target()
+    lab.connector.connect_volume(conninfo())
+    all_paths_down(lab)
+    start = lab.sim.clock.now
+    lab.connector.disconnect_volume(conninfo(), None, force=True, ignore_errors=True)
+    assert lab.sim.clock.now - start < 1.0
+    assert lab.sim.controllers() == []
+    assert lab.connector.get_volume_paths(conninfo()) == []
+
+
+def test_forced_detach_reports_the_skipped_flush(lab):
+    lab.target()
+    lab.connector.connect_volume(conninfo())
+    all_paths_down(lab)
+    from nvmeof_mp import connection
+    errors = lab.connector.attacher.detach(connection.parse(conninfo()).target, force=True)
+    assert any("no live path" in e for e in errors)
+    assert lab.sim.controllers() == []
+
+
+def test_a_flush_that_hangs_gives_up_after_flush_timeout(lab):
+    lab.target()
+    lab.connector.connect_volume(conninfo())
+    lab.sim.flush_hangs.add("/dev/nvme0n1")      # live paths, but the target never answers
+    start = lab.sim.clock.now
+    with pytest.raises(NVMeOFError, match="no answer"):
+        lab.connector.disconnect_volume(conninfo(), None)
+    assert lab.sim.clock.now - start == pytest.approx(lab.connector.policy.flush_timeout)
+    assert lab.sim.controllers() == ["nvme0", "nvme1"]
+    lab.connector.disconnect_volume(conninfo(), None, force=True, ignore_errors=True)
+    assert lab.sim.controllers() == []
+
+
+def test_flush_timeout_is_a_policy_value(lab):
+    from nvmeof_mp import config
+    from oslo_config import cfg
+    conf = cfg.ConfigOpts()
+    config.register(conf)
+    conf([])
+    conf.set_override("flush_timeout", 7.5, group=config.GROUP)
+    assert config.policy_from_conf(conf).flush_timeout == 7.5
+
+
+@pytest.fixture
+def two(lab):
+    lab.target(nqn=NQA, ports=(4420, 4422), namespaces=((1, UUID),))
+    lab.target(nqn=NQB, ports=(4421, 4423), namespaces=((1, UUID2),))
+    return lab
+
+
+def fail_every_dm_path(lab):
+    for dev in lab.sim.dm[UUID_TOP]["paths"]:
+        lab.sim.dm_message(UUID_TOP, "fail_path", dev)
+
+
+def test_dm_detach_with_no_active_path_fails_fast_and_keeps_queueing(two):
+    two.connector.connect_volume(dm_info())
+    fail_every_dm_path(two)
+    start = two.sim.clock.now
+    with pytest.raises(NVMeOFError, match="no active path"):
+        two.connector.disconnect_volume(dm_info(), None)
+    assert two.sim.clock.now - start < 1.0
+    assert two.sim.dm[UUID_TOP]["queueing"] and len(two.sim.controllers()) == 2
+
+
+def test_forced_dm_detach_with_no_active_path_stops_queueing_first(two):
+    two.connector.connect_volume(dm_info())
+    fail_every_dm_path(two)
+    start = two.sim.clock.now
+    two.connector.disconnect_volume(dm_info(), None, force=True, ignore_errors=True)
+    assert two.sim.clock.now - start < 1.0
+    assert two.sim.dm == {} and two.sim.controllers() == []
+    assert two.sim.calls["dm_message"] >= 3                  # 2 fail_path + fail_if_no_path
+
+
+def test_dm_flush_that_hangs_gives_up_and_leaves_the_map_queueing(two):
+    two.connector.connect_volume(dm_info())
+    two.sim.flush_hangs.add("/dev/mapper/" + UUID_TOP)
+    start = two.sim.clock.now
+    with pytest.raises(NVMeOFError, match="no answer"):
+        two.connector.disconnect_volume(dm_info(), None)
+    assert two.sim.clock.now - start == pytest.approx(two.connector.policy.flush_timeout)
+    assert two.sim.dm[UUID_TOP]["queueing"] and len(two.sim.controllers()) == 2
+    two.connector.disconnect_volume(dm_info(), None, force=True, ignore_errors=True)
+    assert two.sim.dm == {} and two.sim.controllers() == []
+
+
+# -- the daemon's flush: fsync in a thread, given up after the deadline -----------------------
+
+def test_daemon_flush_gives_up_after_the_deadline_and_does_not_pile_up(monkeypatch):
+    release = threading.Event()
+    started = []
+
+    def stuck(path):
+        started.append(path)
+        release.wait(10)
+        return None
+    monkeypatch.setattr(host, "_flush", stuck)
+    err = host.bounded_flush("/dev/nvme0n1", 0.05)
+    assert "no answer after 0.05s" in err
+    err = host.bounded_flush("/dev/nvme0n1", 0.05)     # the first is still blocked
+    assert "still blocked" in err and len(started) == 1
+    release.set()
+    for _ in range(200):
+        if "/dev/nvme0n1" not in host._IN_FLIGHT:
+            break
+        threading.Event().wait(0.01)
+    assert host.bounded_flush("/dev/nvme0n1", 1.0) is None and len(started) == 2
+
+
+def test_daemon_flush_returns_the_flush_error(monkeypatch):
+    monkeypatch.setattr(host, "_flush", lambda path: "flush %s: Input/output error" % path)
+    assert host.bounded_flush("/dev/md/vol1", 1.0) == "flush /dev/md/vol1: Input/output error"
+
+
+@pytest.mark.parametrize("timeout", [0, -1, True, "5", 100000])
+def test_daemon_flush_timeout_is_validated(timeout):
+    from nvmeof_mp.exception import PrivilegedArgumentError
+    with pytest.raises(PrivilegedArgumentError):
+        host.flush_timeout(timeout)

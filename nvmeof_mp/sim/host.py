@@ -135,6 +135,7 @@ class SimHost(SimStorage, Kernel):
         self.minors = itertools.count()
         self.shown = {}               # uuid/nguid -> {nqn: number of controllers showing it}
         self.flush_error = None
+        self.flush_hangs = set()      # device paths whose flush never completes
         self.log = []                 # kernel messages, like dmesg
         self.lock = threading.RLock()
         self.sys = os.path.join(root, "sys")
@@ -266,10 +267,28 @@ class SimHost(SimStorage, Kernel):
                 _write(os.path.join(self._ctrl_dir(name), attr), str(value))
             return {a: None for a in attrs}
 
-    def flush_device(self, path):
+    def flush_device(self, path, timeout=None):
+        """A flush into a device no path can serve queues (dm queue_if_no_path, a controller
+        reconnecting); so does one into a path of ``flush_hangs`` (a target that never
+        answers).  The daemon gives up after ``timeout``; without one it would wait forever."""
         self._count("flush_device")
         self.flushed.append(path)
+        if path in self.flush_hangs or self._flush_queues(path):
+            if timeout is None:
+                raise AssertionError("flush of %s would hang forever" % path)
+            self.clock.sleep(timeout)
+            return "flush %s: no answer after %gs" % (path, timeout)
         return self.flush_error
+
+    def _flush_queues(self, path):
+        with self.lock:
+            if path.startswith("/dev/mapper/"):
+                dm = self.dm.get(path[len("/dev/mapper/"):])
+                return bool(dm and dm.get("queueing", True)
+                            and "A" not in dm["paths"].values())
+            name = os.path.basename(path)
+            ctrls = [c for c in self.ctrls.values() if name in c.namespaces.values()]
+            return bool(ctrls) and not any(c.state == "live" for c in ctrls)
 
     def ensure_host_identity(self):
         self._count("ensure_host_identity")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from oslo_log import log as logging
 
-from nvmeof_mp import replicas
+from nvmeof_mp import replicas, threads
 from nvmeof_mp.exception import ReplicaError, UnsupportedHost
 from nvmeof_mp.locks import named_lock
 
@@ -99,7 +99,7 @@ def volume_paths(connector, request):
 
 
 def extend(connector, request):
-    legs = [connector.rescan_and_wait(t) for t in request.targets]
+    legs = threads.map_concurrently("extend", connector.rescan_and_wait, request.targets)
     size = min(new for _, _, new in legs) // 512
     devnums = [replicas.block_attr(connector, dev, "dev") for dev, _, _ in legs]
     replicas.require_ok(connector.kernel.dm_load(map_name(request), size, devnums),

@@ -66,6 +66,11 @@ class Kernel(abc.ABC):
     def read_system_uuid(self) -> str | None:
         """The system UUID (root-only readable on real hosts)."""
 
+    def namespace_size(self, device: str) -> int | None:
+        """The size in bytes the target reports now for the namespace behind ``device``
+        (Identify Namespace), or None when it cannot be learned."""
+        return None
+
     # md RAID1 and dm-multipath: each returns {'ok', 'out', 'error'} unless said otherwise
 
     @abc.abstractmethod
@@ -158,6 +163,15 @@ class PrivilegedKernel(Kernel):
         from nvmeof_mp.privileged import host
         self._count("flush_device")
         return host.flush_device(path, timeout)
+
+    def namespace_size(self, device):
+        from nvmeof_mp.privileged import nvme
+        self._count("namespace_size")
+        reply = nvme.identify_namespace_size(device)
+        if reply.get("error"):
+            import logging
+            logging.getLogger(__name__).debug("Identify Namespace: %s", reply["error"])
+        return reply.get("size")
 
     def ensure_host_identity(self):
         from nvmeof_mp.privileged import host

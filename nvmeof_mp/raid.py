@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from oslo_log import log as logging
 
-from nvmeof_mp import replicas
+from nvmeof_mp import replicas, threads
 from nvmeof_mp.locks import named_lock
 
 LOG = logging.getLogger(__name__)
@@ -68,8 +68,7 @@ def disconnect(connector, request, force=False):
 
 def extend(connector, request):
     old = int(replicas.block_attr(connector, device_path(request), "size") or 0) * 512
-    for target in request.targets:
-        connector.rescan_and_wait(target)
+    threads.map_concurrently("extend", connector.rescan_and_wait, request.targets)
     replicas.require_ok(connector.kernel.md_grow(request.alias), "mdadm --grow")
     new = int(replicas.block_attr(connector, device_path(request), "size") or 0) * 512
     LOG.info("Extended %s: %d -> %d bytes", device_path(request), old, new)

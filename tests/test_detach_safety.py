@@ -192,3 +192,96 @@ def test_daemon_flush_timeout_is_validated(timeout):
     from nvmeof_mp.exception import PrivilegedArgumentError
     with pytest.raises(PrivilegedArgumentError):
         host.flush_timeout(timeout)
+
+
+# -- extend_volume: no needless wait, replicas together (issue 12, item 12) -------------------
+
+from test_replicated import dm_info as _dm_info, raid_info  # noqa: E402
+
+NEW = 262144
+
+
+def test_extend_returns_at_once_when_the_kernel_already_shows_the_new_size(lab):
+    lab.target()
+    lab.connector.connect_volume(conninfo())
+    lab.sim.resize(NQN, 1, NEW)
+    lab.sim.rescan_controllers(lab.sim.controllers())      # the target's AEN did the rescan
+    start, rescans = lab.sim.clock.now, lab.sim.calls["rescan_controllers"]
+    assert lab.connector.extend_volume(conninfo()) == NEW * 512
+    assert lab.sim.clock.now - start < 0.5
+    assert lab.sim.calls["rescan_controllers"] == rescans   # nothing to rescan
+
+
+def test_extend_rescans_and_returns_as_soon_as_sysfs_shows_the_target_size(lab):
+    lab.target()
+    lab.connector.connect_volume(conninfo())
+    lab.sim.resize(NQN, 1, NEW)
+    start = lab.sim.clock.now
+    assert lab.connector.extend_volume(conninfo()) == NEW * 512
+    assert lab.sim.clock.now - start < 0.5
+    assert lab.sim.calls["namespace_size"] == 1
+
+
+def test_extend_without_identify_falls_back_to_waiting_for_a_change(lab, monkeypatch):
+    lab.target()
+    lab.connector.connect_volume(conninfo())
+    monkeypatch.setattr(lab.sim, "namespace_size", lambda device: None)
+    lab.sim.resize(NQN, 1, NEW)
+    assert lab.connector.extend_volume(conninfo()) == NEW * 512
+
+
+def test_extend_of_a_volume_whose_size_did_not_change_returns_the_size_at_once(lab):
+    lab.target()
+    lab.connector.connect_volume(conninfo())
+    start = lab.sim.clock.now
+    assert lab.connector.extend_volume(conninfo()) == 131072 * 512
+    assert lab.sim.clock.now - start < 0.5
+
+
+@pytest.mark.parametrize("info", [raid_info, _dm_info])
+def test_replicas_are_extended_together(two, info):
+    two.connector.connect_volume(info())
+    for nqn in (NQA, NQB):
+        two.sim.resize(nqn, 1, NEW)
+    real = two.sim.rescan_controllers
+    both = threading.Barrier(2, timeout=2)
+
+    def rescan(names):          # returns only when the other replica's rescan is in flight
+        both.wait()
+        return real(names)
+    two.sim.rescan_controllers = rescan
+    size = two.connector.extend_volume(info())
+    assert size in (NEW * 512, (NEW - 2048) * 512)
+
+
+def test_identify_namespace_data_gives_the_size_in_bytes():
+    from nvmeof_mp.privileged import nvme
+    data = bytearray(4096)
+    data[0:8] = (1 << 20).to_bytes(8, "little")        # NSZE in logical blocks
+    data[25] = 1                                        # NLBAF: two formats
+    data[26] = 1                                        # FLBAS: format 1 in use
+    data[128 + 2] = 9                                   # format 0: 512 B
+    data[132 + 2] = 12                                  # format 1: 4 KiB
+    assert nvme.identify_size(bytes(data)) == (1 << 20) * 4096
+    data[132 + 2] = 0                                   # no sane LBA size: unknown
+    assert nvme.identify_size(bytes(data)) is None
+
+
+@pytest.mark.parametrize("path", ["/dev/nvme0", "/dev/md/x", "/dev/nvme0n1p1",
+                                  "/dev/../dev/nvme0n1", "nvme0n1", None])
+def test_identify_refuses_other_devices(path):
+    from nvmeof_mp.exception import PrivilegedArgumentError
+    from nvmeof_mp.privileged import nvme
+    with pytest.raises(PrivilegedArgumentError):
+        nvme.namespace_device(path)
+
+
+def test_identify_command_layout():
+    from nvmeof_mp.privileged import nvme
+    cmd = nvme.identify_command(nsid=3, addr=0x1000, length=4096)
+    assert len(cmd) == 72 and cmd[0] == 0x06
+    assert int.from_bytes(cmd[4:8], "little") == 3                  # nsid
+    assert int.from_bytes(cmd[24:32], "little") == 0x1000           # addr
+    assert int.from_bytes(cmd[36:40], "little") == 4096             # data_len
+    assert int.from_bytes(cmd[40:44], "little") == 0                # cdw10: CNS 0
+    assert int.from_bytes(cmd[64:68], "little") == nvme.IDENTIFY_TIMEOUT_MS

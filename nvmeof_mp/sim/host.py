@@ -290,6 +290,16 @@ class SimHost(SimStorage, Kernel):
             ctrls = [c for c in self.ctrls.values() if name in c.namespaces.values()]
             return bool(ctrls) and not any(c.state == "live" for c in ctrls)
 
+    def namespace_size(self, device):
+        """Identify Namespace: the target-side size, whatever the host's sysfs shows."""
+        self._count("namespace_size")
+        with self.lock:
+            ident = self._identity_of(device)
+            if ident is None:
+                return None
+            ns = next((n for n in self.targets[ident[0]].namespaces if n.nsid == ident[1]), None)
+            return ns.size_sectors * 512 if ns else None
+
     def ensure_host_identity(self):
         self._count("ensure_host_identity")
         from nvmeof_mp.privileged.host import ensure_identity_files

@@ -78,7 +78,7 @@ def teardown(connector, request, path, remove, force, dead=None, unqueue=None):
     ``unqueue()`` (queued I/O fails) and goes on without the flush.  A flush gives up after
     ``policy.flush_timeout``.  Returns the list of error texts.
     """
-    errors = []
+    errors, retry = [], False
     if exists(connector, path):
         if dead is not None and dead():
             err = "no active path in %s: flush impossible" % path
@@ -95,11 +95,16 @@ def teardown(connector, request, path, remove, force, dead=None, unqueue=None):
                 return errors
         result = remove()
         if not result["ok"]:
-            errors.append(result["error"])
             if not force:
-                return errors
+                return errors + [result["error"]]
+            retry = True            # forced: once more when the legs are gone (nothing left)
     for target in request.targets:
         errors += connector.attacher.detach(target, flush=False, force=force)
+    if retry and exists(connector, path):
+        again = remove()
+        if not again["ok"]:
+            errors.append(again["error"])
+            LOG.warning("%s is left behind: %s", path, again["error"])
     return errors
 
 

@@ -285,3 +285,17 @@ def test_identify_command_layout():
     assert int.from_bytes(cmd[36:40], "little") == 4096             # data_len
     assert int.from_bytes(cmd[40:44], "little") == 0                # cdw10: CNS 0
     assert int.from_bytes(cmd[64:68], "little") == nvme.IDENTIFY_TIMEOUT_MS
+
+
+def test_forced_dm_detach_retries_a_failed_map_removal_after_the_legs_are_gone(two):
+    two.connector.connect_volume(dm_info())
+    real, calls = two.sim.dm_remove, []
+
+    def busy_once(name):
+        calls.append(name)
+        if len(calls) == 1:         # the stuck flush still holds it open
+            return {"ok": False, "out": "", "error": "device-mapper: remove ioctl: busy"}
+        return real(name)
+    two.sim.dm_remove = busy_once
+    two.connector.disconnect_volume(dm_info(), None, force=True, ignore_errors=True)
+    assert len(calls) == 2 and two.sim.dm == {} and two.sim.controllers() == []

@@ -61,9 +61,12 @@ def connect(connector, request):
 
 
 def disconnect(connector, request, force=False):
-    """Flush and stop the array (a degraded one too), then disconnect every leg."""
-    return replicas.teardown(connector, request, device_path(request),
-                             lambda: connector.kernel.md_stop(request.alias), force)
+    """Flush and stop the array (a degraded one too), then disconnect every leg.  The stop
+    waits (bounded) for udev's pending events, see ``replicas.udev_idle``."""
+    def stop():
+        replicas.udev_idle(connector)
+        return connector.kernel.md_stop(request.alias)
+    return replicas.teardown(connector, request, device_path(request), stop, force)
 
 
 def extend(connector, request):

@@ -13,6 +13,7 @@ import os
 from oslo_log import log as logging
 
 from nvmeof_mp.exception import NVMeOFError, ReplicaError
+from nvmeof_mp.waiting import poll
 
 LOG = logging.getLogger(__name__)
 
@@ -63,6 +64,26 @@ def undo(connector, results, why, remove=None):
                 connector.attacher.remove_controllers(att.created, why)
             except Exception:
                 LOG.exception("Undo (%s) could not delete %s", why, ", ".join(att.created))
+
+
+UDEV_QUEUE = "run/udev/queue"      # exists while udev has events queued (libudev's test)
+UDEV_QUEUE_WAIT = 5.0
+
+
+def udev_idle(connector, timeout=UDEV_QUEUE_WAIT):
+    """Wait, at most ``timeout`` seconds, until udev has no events queued.
+
+    Before an md array stops: a leg's change event (a resize) that udev handles after the
+    stop runs ``mdadm --incremental`` on the freed leg, which starts an array of its own over
+    the legs, left behind once they are gone.  Without udev there is no queue file.
+    """
+    queue = os.path.join(connector.root, UDEV_QUEUE)
+    if not os.path.exists(queue):
+        return True
+    if poll(lambda: not os.path.exists(queue), timeout, connector.clock):
+        return True
+    LOG.info("udev still has events queued after %ss: going on", timeout)
+    return False
 
 
 def exists(connector, path):

@@ -299,3 +299,38 @@ def test_forced_dm_detach_retries_a_failed_map_removal_after_the_legs_are_gone(t
     two.sim.dm_remove = busy_once
     two.connector.disconnect_volume(dm_info(), None, force=True, ignore_errors=True)
     assert len(calls) == 2 and two.sim.dm == {} and two.sim.controllers() == []
+
+
+# -- RAID detach waits (bounded) for udev's pending events ------------------------------------
+
+def _raid_with_udev_queue(make_lab):
+    lab = make_lab(udev_delay=0.05)
+    lab.target(nqn=NQA, ports=(4420,), namespaces=((1, UUID),))
+    lab.target(nqn=NQB, ports=(4421,), namespaces=((1, UUID2),))
+    lab.connector.connect_volume(raid_info())
+    queue = os.path.join(lab.root, "run/udev/queue")
+    with open(queue, "w"):
+        pass                    # udev still has events (a leg's resize) to process
+    stopped = []
+    real = lab.sim.md_stop
+    lab.sim.md_stop = lambda name: stopped.append(lab.sim.clock.now) or real(name)
+    return lab, queue, stopped
+
+
+def test_raid_detach_lets_udev_finish_its_queue_before_the_stop(make_lab):
+    """A leg's change event handled after the stop makes udev's mdadm --incremental start
+    an array of its own over the legs, left behind once the legs are gone."""
+    lab, queue, stopped = _raid_with_udev_queue(make_lab)
+    start = lab.sim.clock.now
+    lab.sim.clock.at(1.0, lambda: os.unlink(queue))
+    lab.connector.disconnect_volume(raid_info(), None)
+    assert stopped and stopped[0] - start >= 1.0
+    assert lab.sim.md == {} and lab.sim.controllers() == []
+
+
+def test_raid_detach_waits_for_udev_a_bounded_time(make_lab):
+    lab, queue, stopped = _raid_with_udev_queue(make_lab)
+    start = lab.sim.clock.now
+    lab.connector.disconnect_volume(raid_info(), None)     # the queue never drains
+    assert 1.0 <= stopped[0] - start <= 6.0
+    assert lab.sim.md == {} and lab.sim.controllers() == []

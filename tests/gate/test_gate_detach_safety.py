@@ -19,8 +19,9 @@ FLUSH_TIMEOUT = 3.0
 def short_flush():
     from nvmeof_mp.connector import NVMeOFConnector
     from nvmeof_mp.policy import TimeoutPolicy
+    # ctrl_loss_tmo -1: a dead path reconnects forever, so its queued I/O never fails by itself
     return NVMeOFConnector(root_helper=os.environ["NVMEOF_MP_ROOT_HELPER"], use_multipath=True,
-                           policy=TimeoutPolicy(flush_timeout=FLUSH_TIMEOUT))
+                           policy=TimeoutPolicy(flush_timeout=FLUSH_TIMEOUT, ctrl_loss_tmo=-1))
 
 
 def test_dm_detach_with_every_path_dead_is_bounded(short_flush, target):

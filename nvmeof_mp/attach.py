@@ -352,7 +352,11 @@ class Attacher:
     def detach(self, target: Target, flush=True, force=False):
         """Flush the volume's device, then delete controllers nothing else needs.
 
-        Returns a list of error texts; a volume that is not connected is a no-op.
+        Returns a list of error texts; a volume that is not connected is a no-op.  Bounded in
+        time: a flush is attempted only when a path can serve it, and the daemon gives it up
+        after ``policy.flush_timeout``.  Without a usable path, or after a failed flush, the
+        detach raises ``DetachAborted`` (the queued data stays, a retry can still flush it)
+        unless ``force``: then the controllers are deleted, which fails whatever I/O is queued.
         """
         host_nqn, _ = self._identity(target)
         errors = []
@@ -363,7 +367,7 @@ class Attacher:
                 LOG.debug("%s is not connected: nothing to do", target.describe())
                 return errors
             if ns is not None and flush:
-                err = self.kernel.flush_device(ns.device)
+                err = self._flush(target, ns, snap, force)
                 if err:
                     if not force:       # the volume stays attached: its data is not written
                         raise DetachAborted(what=target.describe(), reason=err)
@@ -373,6 +377,15 @@ class Attacher:
             elif ns is not None:
                 LOG.info("Keeping controllers of %s: other namespaces use them", target.nqn)
         return errors
+
+    def _flush(self, target, ns, snap, force):
+        """Flush the device, or say why not: with no usable path the flush could only queue
+        (until ctrl_loss_tmo, forever with -1)."""
+        if not planner.usable_path(ns, snap, target.nqn):
+            return "no live path to %s: flush impossible%s" % (
+                ns.device, " (detached without it)" if force else
+                "; detach with force to discard what is queued")
+        return self.kernel.flush_device(ns.device, self.policy.flush_timeout)
 
     def remove_controllers(self, names, why):
         """Delete controllers; returns error texts (logged, not raised)."""

@@ -52,6 +52,11 @@ OPTS = [
                     "/dev/nvme-fabrics from the privsep daemon (one write, no process; "
                     "nvme-cli is used when that device is missing); 'nvme-cli' always runs "
                     "'nvme connect'."),
+    cfg.FloatOpt("flush_timeout", default=30.0, min=0.1, max=3600,
+                 help="Seconds a detach waits for the volume's flush.  A flush into a device "
+                      "no path can serve would queue forever (dm queue_if_no_path, "
+                      "ctrl_loss_tmo -1); after this time the detach fails, or with force "
+                      "goes on and deletes the controllers, which fails the queued I/O."),
 ]
 
 
@@ -74,7 +79,7 @@ def policy_from_conf(conf=None) -> TimeoutPolicy:
                          fast_io_fail_tmo=g.fast_io_fail_tmo,
                          leg_fast_io_fail_tmo=g.leg_fast_io_fail_tmo,
                          device_timeout=g.device_timeout, ana_wait=g.ana_wait,
-                         wait_for_udev=g.wait_for_udev)
+                         wait_for_udev=g.wait_for_udev, flush_timeout=g.flush_timeout)
 
 
 def sample_text():

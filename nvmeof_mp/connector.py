@@ -266,8 +266,12 @@ class NVMeOFConnector:
         return new
 
     def rescan_and_wait(self, target, timeout=10.0):
-        """Rescan the target's live controllers and wait for a new size.
+        """Bring the host to the size the target reports now, and return it.
 
+        The target's size comes from Identify Namespace: when sysfs already shows it (the
+        usual case: the target's event made the kernel rescan), nothing waits; otherwise the
+        live controllers are rescanned and sysfs is polled until it shows that size (at most
+        ``timeout``).  Without Identify the old way: rescan and wait for any change.
         sysfs ``size`` is in 512-byte sectors whatever the LBA format (4 KiB too).
         Returns (device, old size, new size) in bytes; new == old when nothing changed.
         """
@@ -279,11 +283,26 @@ class NVMeOFConnector:
         live = [c.name for c in snap.controllers(target.nqn) if c.live]
         if not live:
             raise VolumeDeviceNotFound(device=ns.device)
+        wanted = self.kernel.namespace_size(ns.device)
+        if wanted == ns.size_bytes:
+            return ns.device, ns.size_bytes, ns.size_bytes
         self.kernel.rescan_controllers(live)
 
-        def grown():
+        def size_now():
             now = find_namespace(target, self.sysfs.snapshot([target.nqn]))
-            return now.size_bytes if now and now.size_bytes != ns.size_bytes else None
+            return now.size_bytes if now else None
+
+        if wanted:
+            seen = poll(lambda: size_now() == wanted, timeout, self.clock)
+            new = wanted if seen else (size_now() or ns.size_bytes)
+            if not seen:
+                LOG.warning("%s: the target reports %d bytes, the host shows %d after %ss",
+                            ns.device, wanted, new, timeout)
+            return ns.device, ns.size_bytes, new
+
+        def grown():
+            size = size_now()
+            return size if size and size != ns.size_bytes else None
         return ns.device, ns.size_bytes, poll(grown, timeout, self.clock) or ns.size_bytes
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from oslo_log import log as logging
 
-from nvmeof_mp import replicas
+from nvmeof_mp import replicas, threads
 from nvmeof_mp.exception import ReplicaError, UnsupportedHost
 from nvmeof_mp.locks import named_lock
 
@@ -40,25 +40,35 @@ def connect(connector, request):
                                   "is not installed")
         LOG.warning("dmsetup is missing: %s attaches without a dm-multipath map",
                     request.describe())
+    existed = replicas.exists(connector, device_path(request))
     results = replicas.attach_all(connector, request)
     legs = [att for _, att, _ in results if att]
     if not _usable(connector):
         return {"type": "block", "path": legs[0].device, "degraded": True,
                 "replicas": replicas.leg_report(results)}
-    devnums = [replicas.block_attr(connector, att.device, "dev") for att in legs]
-    size = min(att.namespace.size_sectors for att in legs)
+    name = map_name(request)
+    loaded = []
     try:
-        with named_lock("dm-" + map_name(request), connector.lock_path):
-            replicas.require_ok(connector.kernel.dm_load(map_name(request), size, devnums),
+        devnums = [replicas.block_attr(connector, att.device, "dev") for att in legs]
+        if None in devnums:
+            raise ReplicaError(reason="cannot read the device number of %s" % ", ".join(
+                a.device for a, d in zip(legs, devnums, strict=True) if d is None))
+        size = min(att.namespace.size_sectors for att in legs)
+        with named_lock("dm-" + name, connector.lock_path):
+            loaded.append(name)
+            replicas.require_ok(connector.kernel.dm_load(name, size, devnums),
                                 "dm-multipath map load")
-            status = connector.kernel.dm_status(map_name(request)) or {}
+            status = connector.kernel.dm_status(name) or {}
             for dev in devnums:
                 if status.get(dev) == "F":
-                    connector.kernel.dm_message(map_name(request), "reinstate_path", dev)
-    except ReplicaError:
-        replicas.undo(connector, results, "dm attach of %s failed" % map_name(request))
+                    connector.kernel.dm_message(name, "reinstate_path", dev)
+        connector.wait_udev(device_path(request))
+    except Exception:
+        remove = None
+        if loaded and not existed:
+            remove = lambda: connector.kernel.dm_remove(name)       # noqa: E731
+        replicas.undo(connector, results, "dm attach of %s failed" % name, remove)
         raise
-    connector.wait_udev(device_path(request))
     degraded = len(legs) < len(request.targets) or any(a.degraded for a in legs)
     (LOG.warning if degraded else LOG.info)(
         "Attached %s at %s%s", request.describe(), device_path(request),
@@ -68,9 +78,19 @@ def connect(connector, request):
 
 
 def disconnect(connector, request, force=False):
-    """Flush, stop queueing so nothing hangs, remove the map, then the replicas."""
+    """Flush, stop queueing so nothing hangs, remove the map, then the replicas.
+
+    With no active path in the map a flush could only queue: the detach fails at once, or
+    with ``force`` the map stops queueing first (queued I/O fails) and is removed.
+    """
+    name, kernel = map_name(request), connector.kernel
+
+    def dead():
+        status = kernel.dm_status(name)
+        return status is not None and "A" not in status.values()
     return replicas.teardown(connector, request, device_path(request),
-                             lambda: connector.kernel.dm_remove(map_name(request)), force)
+                             lambda: kernel.dm_remove(name), force, dead=dead,
+                             unqueue=lambda: kernel.dm_message(name, "fail_if_no_path"))
 
 
 def volume_paths(connector, request):
@@ -79,7 +99,7 @@ def volume_paths(connector, request):
 
 
 def extend(connector, request):
-    legs = [connector.rescan_and_wait(t) for t in request.targets]
+    legs = threads.map_concurrently("extend", connector.rescan_and_wait, request.targets)
     size = min(new for _, _, new in legs) // 512
     devnums = [replicas.block_attr(connector, dev, "dev") for dev, _, _ in legs]
     replicas.require_ok(connector.kernel.dm_load(map_name(request), size, devnums),

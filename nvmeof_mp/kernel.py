@@ -65,8 +65,9 @@ class Kernel(abc.ABC):
         """Write tunable timeout attributes of a controller."""
 
     @abc.abstractmethod
-    def flush_device(self, path: str) -> str | None:
-        """Flush a block device's buffers; returns an error text or None."""
+    def flush_device(self, path: str, timeout: float | None = None) -> str | None:
+        """Flush a block device's buffers; returns an error text or None.  Gives up after
+        ``timeout`` seconds (an error) when the device does not answer."""
 
     @abc.abstractmethod
     def read_first_sector(self, path: str) -> str | None:
@@ -79,6 +80,11 @@ class Kernel(abc.ABC):
     @abc.abstractmethod
     def read_system_uuid(self) -> str | None:
         """The system UUID (root-only readable on real hosts)."""
+
+    def namespace_size(self, device: str) -> int | None:
+        """The size in bytes the target reports now for the namespace behind ``device``
+        (Identify Namespace), or None when it cannot be learned."""
+        return None
 
     # md RAID1 and dm-multipath: each returns {'ok', 'out', 'error'} unless said otherwise
 
@@ -168,10 +174,19 @@ class PrivilegedKernel(Kernel):
         self._count("set_controller_attrs")
         return nvme.set_controller_attrs(name, dict(attrs))
 
-    def flush_device(self, path):
+    def flush_device(self, path, timeout=None):
         from nvmeof_mp.privileged import host
         self._count("flush_device")
-        return host.flush_device(path)
+        return host.flush_device(path, timeout)
+
+    def namespace_size(self, device):
+        from nvmeof_mp.privileged import nvme
+        self._count("namespace_size")
+        reply = nvme.identify_namespace_size(device)
+        if reply.get("error"):
+            import logging
+            logging.getLogger(__name__).debug("Identify Namespace: %s", reply["error"])
+        return reply.get("size")
 
     def read_first_sector(self, path):
         from nvmeof_mp.privileged import host

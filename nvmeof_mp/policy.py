@@ -35,6 +35,7 @@ class TimeoutPolicy:
     device_timeout: float = 30.0             # how long to wait for the block device
     ana_wait: float = 1.0                    # how long to wait for an optimized path
     wait_for_udev: str = "auto"              # see UDEV_MODES
+    flush_timeout: float = 30.0              # a detach's flush gives up after this long
 
     def __post_init__(self):
         mode = {True: "always", False: "never"}.get(self.wait_for_udev, self.wait_for_udev)

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from oslo_log import log as logging
 
-from nvmeof_mp import replicas
-from nvmeof_mp.exception import ReplicaError
+from nvmeof_mp import replicas, threads
 from nvmeof_mp.locks import named_lock
 
 LOG = logging.getLogger(__name__)
@@ -22,27 +21,39 @@ def device_path(request):
 
 
 def connect(connector, request):
+    """Attach the legs and create, assemble or adopt the array.
+
+    Any failure undoes what this call made (the legs' new controllers, and the array when it
+    did not exist before the call) and is raised.
+    """
+    path = device_path(request)
+    existed = replicas.exists(connector, path)
     results = replicas.attach_all(connector, request)
     legs = [att.device for _, att, _ in results if att]
     kernel = connector.kernel
+    started = []
     try:
         with named_lock("md-" + request.alias, connector.lock_path):
-            if (replicas.exists(connector, device_path(request))
+            if (replicas.exists(connector, path)
                     or any(kernel.md_examine(leg) for leg in legs)):
                 # running, auto-assembled by udev, or to assemble: adopt and (re-)add legs
+                started.append("assemble")
                 replicas.require_ok(kernel.md_assemble(request.alias, legs),
                                     "mdadm --assemble")
             else:
+                started.append("create")
                 replicas.require_ok(
                     kernel.md_create(request.alias, legs, request.replica_count),
                     "mdadm --create")
-    except ReplicaError:
-        replicas.undo(connector, results, "RAID attach of %s failed" % request.alias)
+        connector.wait_udev(path)
+    except Exception:
+        stop = None
+        if not existed and (started or replicas.exists(connector, path)):
+            stop = lambda: kernel.md_stop(request.alias)      # noqa: E731
+        replicas.undo(connector, results, "RAID attach of %s failed" % request.alias, stop)
         raise
-    connector.wait_udev(device_path(request))
     degraded = len(legs) < request.replica_count or any(
         att is None or att.degraded for _, att, _ in results)
-    path = device_path(request)
     (LOG.warning if degraded else LOG.info)(
         "Attached %s at %s%s", request.describe(), path, " (DEGRADED)" if degraded else "")
     return {"type": "block", "path": path, "degraded": degraded,
@@ -50,15 +61,17 @@ def connect(connector, request):
 
 
 def disconnect(connector, request, force=False):
-    """Flush and stop the array (a degraded one too), then disconnect every leg."""
-    return replicas.teardown(connector, request, device_path(request),
-                             lambda: connector.kernel.md_stop(request.alias), force)
+    """Flush and stop the array (a degraded one too), then disconnect every leg.  The stop
+    waits (bounded) for udev's pending events, see ``replicas.udev_idle``."""
+    def stop():
+        replicas.udev_idle(connector)
+        return connector.kernel.md_stop(request.alias)
+    return replicas.teardown(connector, request, device_path(request), stop, force)
 
 
 def extend(connector, request):
     old = int(replicas.block_attr(connector, device_path(request), "size") or 0) * 512
-    for target in request.targets:
-        connector.rescan_and_wait(target)
+    threads.map_concurrently("extend", connector.rescan_and_wait, request.targets)
     replicas.require_ok(connector.kernel.md_grow(request.alias), "mdadm --grow")
     new = int(replicas.block_attr(connector, device_path(request), "size") or 0) * 512
     LOG.info("Extended %s: %d -> %d bytes", device_path(request), old, new)

@@ -13,12 +13,17 @@ import os
 from oslo_log import log as logging
 
 from nvmeof_mp.exception import DetachAborted, NVMeOFError, ReplicaError
+from nvmeof_mp.waiting import poll
 
 LOG = logging.getLogger(__name__)
 
 
 def attach_all(connector, request):
-    """-> list of (target, TargetAttachment or None, error or None), in request order."""
+    """-> list of (target, TargetAttachment or None, error or None), in request order.
+
+    A replica that fails with an NVMeOFError is reported; any other exception (a privsep
+    transport error, a bug) undoes the replicas attached meanwhile and is raised.
+    """
     def one(target):
         all_portals = len(target.portals) > 1 and connector.native_multipath()
         try:
@@ -27,34 +32,85 @@ def attach_all(connector, request):
             LOG.warning("Replica %s of %s could not be attached: %s", target.describe(),
                         request.describe(), e)
             return target, None, e
+        except Exception as e:      # noqa: BLE001 - raised below, after the undo
+            return target, None, e
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(request.targets)) as pool:
         results = list(pool.map(one, request.targets))
+    unexpected = [e for _, _, e in results if e is not None and not isinstance(e, NVMeOFError)]
+    if unexpected:
+        undo(connector, results, "attach of %s failed" % request.describe())
+        raise unexpected[0]
     if not any(att for _, att, _ in results):
         raise ReplicaError(reason="no replica of %s could be attached: %s" % (
             request.describe(), "; ".join(str(e) for _, _, e in results)))
     return results
 
 
-def undo(connector, results, why):
-    """Remove the controllers these attaches created (nothing left behind after a failure)."""
+def undo(connector, results, why, remove=None):
+    """Put the host back as it was after a failed connect: ``remove()`` the md array or dm map
+    this connect made (None when it existed before: a heal must not tear down a running
+    volume), then delete the controllers these attaches created.  Never raises: the caller
+    re-raises the original error."""
+    if remove is not None:
+        try:
+            result = remove()
+            if not result.get("ok"):
+                LOG.debug("Undo (%s): %s", why, result.get("error"))
+        except Exception:
+            LOG.exception("Undo (%s) could not remove the joined device", why)
     for _, att, _ in results:
         if att and att.created:
-            connector.attacher.remove_controllers(att.created, why)
+            try:
+                connector.attacher.remove_controllers(att.created, why)
+            except Exception:
+                LOG.exception("Undo (%s) could not delete %s", why, ", ".join(att.created))
+
+
+UDEV_QUEUE = "run/udev/queue"      # exists while udev has events queued (libudev's test)
+UDEV_QUEUE_WAIT = 5.0
+
+
+def udev_idle(connector, timeout=UDEV_QUEUE_WAIT):
+    """Wait, at most ``timeout`` seconds, until udev has no events queued.
+
+    Before an md array stops: a leg's change event (a resize) that udev handles after the
+    stop runs ``mdadm --incremental`` on the freed leg, which starts an array of its own over
+    the legs, left behind once they are gone.  Without udev there is no queue file.
+    """
+    queue = os.path.join(connector.root, UDEV_QUEUE)
+    if not os.path.exists(queue):
+        return True
+    if poll(lambda: not os.path.exists(queue), timeout, connector.clock):
+        return True
+    LOG.info("udev still has events queued after %ss: going on", timeout)
+    return False
 
 
 def exists(connector, path):
     return os.path.exists(os.path.join(connector.root, path.lstrip("/")))
 
 
-def teardown(connector, request, path, remove, force):
+def teardown(connector, request, path, remove, force, dead=None, unqueue=None):
     """Flush the joined device, ``remove()`` it (md stop / dm remove), then detach the replicas.
 
     A failed step raises ``DetachAborted`` unless ``force``: the replicas must not go away
-    under a device that still holds unwritten data.  Returns the list of error texts.
+    under a device that still holds unwritten data.  ``dead()`` says that no path can serve a
+    flush (it would only queue): the detach then stops at once, or with ``force`` calls
+    ``unqueue()`` (queued I/O fails) and goes on without the flush.  A flush gives up after
+    ``policy.flush_timeout``.  Returns the list of error texts.
     """
-    errors = []
+    errors, retry = [], False
     if exists(connector, path):
-        err = connector.kernel.flush_device(path)
+        if dead is not None and dead():
+            err = "no active path in %s: flush impossible" % path
+            if not force:
+                raise DetachAborted(what=path, reason=err + "; detach with force to discard "
+                                    "what is queued")
+            unqueue()
+            errors.append(err + " (detached without it)")
+            err = None
+        else:
+            err = connector.kernel.flush_device(path, connector.policy.flush_timeout)
         if err:
             if not force:       # the replicas must not go away under unwritten data
                 raise DetachAborted(what=path, reason=err)
@@ -63,9 +119,14 @@ def teardown(connector, request, path, remove, force):
         if not result["ok"]:
             if not force:
                 raise DetachAborted(what=path, reason=result["error"])
-            errors.append(result["error"])
+            retry = True            # forced: once more when the legs are gone (nothing left)
     for target in request.targets:
         errors += connector.attacher.detach(target, flush=False, force=force)
+    if retry and exists(connector, path):
+        again = remove()
+        if not again["ok"]:
+            errors.append(again["error"])
+            LOG.warning("%s is left behind: %s", path, again["error"])
     return errors
 
 

@@ -31,13 +31,13 @@ def heal_during_flush(lab, monkeypatch, info):
     def heal():
         outcome["report"] = lab.connector.check_paths(info)
 
-    def flush_with_heal(path):
+    def flush_with_heal(path, *args):
         healer = threading.Thread(target=heal)
         healer.start()
         healer.join(0.5)
         outcome["waiting"] = healer.is_alive()
         outcome["thread"] = healer
-        return flush(path)
+        return flush(path, *args)
     monkeypatch.setattr(lab.sim, "flush_device", flush_with_heal)
     lab.connector.disconnect_volume(info, None)
     outcome["thread"].join(10)

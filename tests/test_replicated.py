@@ -195,3 +195,126 @@ def test_check_paths_readds_a_failed_raid_leg(two):
     report = two.connector.check_paths(raid_info())
     assert report["attached"]
     assert two.sim.md["vol1"]["legs"]["/dev/nvme1n1"] == "active"
+
+
+# -- a failed connect leaves the host as it was (each md / dm step failing) -------------------
+
+class Boom(RuntimeError):
+    """Not an NVMeOFError: a privsep transport error, a bug, anything unexpected."""
+
+
+def failing(sim, name, when=lambda *a: True):
+    real = getattr(sim, name)
+
+    def call(*args):
+        if when(*args):
+            raise Boom("%s exploded" % name)
+        return real(*args)
+    setattr(sim, name, call)
+
+
+def assert_host_clean(lab):
+    assert lab.sim.controllers() == [] and lab.sim.md == {} and lab.sim.dm == {}
+    assert not os.path.exists(os.path.join(lab.root, "dev/md/vol1"))
+
+
+def test_raid_replica_attach_raising_in_the_pool_undoes_the_other_legs(two):
+    failing(two.sim, "connect", lambda opts: opts["nqn"] == NQB)
+    with pytest.raises(Boom):
+        two.connector.connect_volume(raid_info())
+    assert_host_clean(two)
+
+
+def test_dm_replica_attach_raising_in_the_pool_undoes_the_other_legs(two):
+    failing(two.sim, "connect", lambda opts: opts["nqn"] == NQB)
+    with pytest.raises(Boom):
+        two.connector.connect_volume(dm_info())
+    assert_host_clean(two)
+
+
+@pytest.mark.parametrize("step", ["md_examine", "md_create"])
+def test_raid_step_raising_leaves_nothing_behind(two, step):
+    failing(two.sim, step)
+    with pytest.raises(Boom):
+        two.connector.connect_volume(raid_info())
+    assert_host_clean(two)
+
+
+def test_raid_assemble_raising_leaves_nothing_behind(two):
+    two.connector.connect_volume(raid_info())
+    two.connector.disconnect_volume(raid_info(), None)
+    real = two.sim.md_assemble
+
+    def half_assembled(name, devices):
+        real(name, devices)             # the array came up, then something broke
+        raise Boom("md_assemble exploded")
+    two.sim.md_assemble = half_assembled
+    with pytest.raises(Boom):
+        two.connector.connect_volume(raid_info())
+    assert_host_clean(two)
+
+
+def test_raid_create_that_started_the_array_but_failed_is_stopped(two):
+    real = two.sim.md_create
+
+    def started_but_failed(name, devices, raid_devices):
+        real(name, devices, raid_devices)
+        return {"ok": False, "out": "", "error": "mdadm: failed to set bitmap"}
+    two.sim.md_create = started_but_failed
+    with pytest.raises(ReplicaError, match="bitmap"):
+        two.connector.connect_volume(raid_info())
+    assert_host_clean(two)
+
+
+def test_raid_heal_failing_keeps_the_running_array_and_its_legs(two):
+    two.connector.connect_volume(raid_info())
+    before = two.sim.controllers()
+    two.sim.expire("nvme1")                  # leg B gone; a heal re-attach brings it back
+    failing(two.sim, "md_assemble")
+    with pytest.raises(Boom):
+        two.connector.connect_volume(raid_info())
+    assert "vol1" in two.sim.md                                 # running array kept
+    assert two.sim.controllers() == [before[0]]                 # leg A kept, new leg B undone
+    assert os.path.exists(os.path.join(two.root, "dev/md/vol1"))
+
+
+@pytest.mark.parametrize("step", ["dm_load", "dm_status"])
+def test_dm_step_raising_leaves_nothing_behind(two, step):
+    failing(two.sim, step)
+    with pytest.raises(Boom):
+        two.connector.connect_volume(dm_info())
+    assert_host_clean(two)
+    assert not os.path.exists(os.path.join(two.root, "dev/mapper", UUID_TOP))
+
+
+def test_dm_load_that_made_the_map_but_failed_is_removed(two):
+    real = two.sim.dm_load
+
+    def made_but_failed(name, size, devnums):
+        real(name, size, devnums)
+        return {"ok": False, "out": "", "error": "resume failed"}
+    two.sim.dm_load = made_but_failed
+    with pytest.raises(ReplicaError, match="resume"):
+        two.connector.connect_volume(dm_info())
+    assert_host_clean(two)
+
+
+def test_dm_unreadable_device_number_fails_cleanly(two, monkeypatch):
+    from nvmeof_mp import replicas
+    monkeypatch.setattr(replicas, "block_attr", lambda *a: None)
+    with pytest.raises(ReplicaError, match="device number"):
+        two.connector.connect_volume(dm_info())
+    assert two.sim.calls["dm_load"] == 0
+    assert_host_clean(two)
+
+
+def test_dm_heal_failing_keeps_the_map(two):
+    two.connector.connect_volume(dm_info())
+    before = two.sim.controllers()
+    for dev in two.sim.dm[UUID_TOP]["paths"]:
+        two.sim.dm[UUID_TOP]["paths"][dev] = "F"
+    two.sim.expire("nvme1")
+    failing(two.sim, "dm_message")
+    with pytest.raises(Boom):
+        two.connector.connect_volume(dm_info())
+    assert UUID_TOP in two.sim.dm and two.sim.controllers() == [before[0]]

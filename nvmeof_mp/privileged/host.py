@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import threading
 import uuid as uuidlib
 
 from nvmeof_mp import privileged
@@ -103,6 +104,19 @@ def device_path(path):
     return path
 
 
+FLUSH_TIMEOUT = 30.0
+_IN_FLIGHT = {}             # device path -> thread of a flush that has not returned yet
+_IN_FLIGHT_LOCK = threading.Lock()
+
+
+def flush_timeout(value):
+    if value is None:
+        return FLUSH_TIMEOUT
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
+        raise PrivilegedArgumentError("flush timeout must be a number in (0, 3600]")
+    return float(value)
+
+
 @privileged.default.entrypoint
 def read_first_sector(path):
     """Can root read the device?  (``check_valid_device(run_as_root=True)``: Cinder's service
@@ -114,9 +128,45 @@ def read_first_sector(path):
 
 
 @privileged.default.entrypoint
-def flush_device(path):
-    """Write back and drop the buffer cache of a block device before it goes away."""
-    path = device_path(path)
+def flush_device(path, timeout=None):
+    """Write back and drop the buffer cache of a block device before it goes away; give up
+    after ``timeout`` seconds (see ``bounded_flush``)."""
+    return bounded_flush(device_path(path), flush_timeout(timeout))
+
+
+def bounded_flush(path, timeout):
+    """Flush in a thread of its own and wait at most ``timeout`` seconds for it.
+
+    A flush into a device no path can serve does not fail, it queues (dm queue_if_no_path,
+    a controller reconnecting with ctrl_loss_tmo -1), and the thread doing it cannot be
+    interrupted.  The daemon's worker returns an error instead of waiting with it; the stuck
+    thread ends when its I/O fails (the controllers are deleted, the map stops queueing).  A
+    device keeps at most one stuck flush: a retry while one is blocked fails at once.
+    """
+    with _IN_FLIGHT_LOCK:
+        if path in _IN_FLIGHT:
+            return "flush %s: an earlier flush is still blocked (no path serves its I/O)" % path
+        outcome = {}
+
+        def run():
+            try:
+                outcome["error"] = _flush(path)
+            except Exception as e:          # noqa: BLE001 - reported, never lost in a thread
+                outcome["error"] = "flush %s: %s" % (path, e)
+            finally:
+                with _IN_FLIGHT_LOCK:
+                    _IN_FLIGHT.pop(path, None)
+        worker = threading.Thread(target=run, name="flush " + path, daemon=True)
+        _IN_FLIGHT[path] = worker
+        worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        return "flush %s: no answer after %gs (its I/O is queued: no path serves it)" % (
+            path, timeout)
+    return outcome.get("error")
+
+
+def _flush(path):
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:

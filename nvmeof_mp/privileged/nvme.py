@@ -7,10 +7,13 @@ the kernel are returned, not raised, so the caller sees errno and text unchanged
 
 from __future__ import annotations
 
+import ctypes
 import errno as errnolib
+import fcntl
 import json
 import os
 import re
+import struct
 import subprocess
 
 from nvmeof_mp import connection
@@ -274,3 +277,69 @@ def _write_sysfs(name, attr, value):
         return None
     except OSError as e:
         return "%s: %s" % (path, e.strerror)
+
+
+# -- Identify Namespace: the size the target reports now (extend_volume) ----------------------
+
+_NS_DEVICE_RE = re.compile(r"^/dev/nvme\d{1,5}n\d{1,5}$")
+NVME_IOCTL_ID = 0x4E40                 # _IO('N', 0x40): the namespace ID of a block device
+NVME_IOCTL_ADMIN_CMD = 0xC0484E41      # _IOWR('N', 0x41, struct nvme_passthru_cmd), 72 bytes
+_PASSTHRU = struct.Struct("<BBHIIIQQII6III")
+_IDENTIFY = 0x06                       # admin opcode; CNS 0 (cdw10) = Identify Namespace
+_IDENTIFY_LEN = 4096
+IDENTIFY_TIMEOUT_MS = 5000             # a target that does not answer costs at most this
+
+
+def namespace_device(path):
+    if not isinstance(path, str) or not _NS_DEVICE_RE.match(path):
+        raise PrivilegedArgumentError("not an NVMe namespace device: %r" % (path,))
+    return path
+
+
+def identify_command(nsid, addr, length):
+    """struct nvme_passthru_cmd for Identify Namespace (CNS 0) of ``nsid``."""
+    return bytearray(_PASSTHRU.pack(_IDENTIFY, 0, 0, nsid, 0, 0, 0, addr, 0, length,
+                                    0, 0, 0, 0, 0, 0, IDENTIFY_TIMEOUT_MS, 0))
+
+
+def identify_size(data):
+    """Bytes of a namespace from its Identify data: NSZE (logical blocks) times the block
+    size of the LBA format in use (FLBAS, LBADS); None when that size is not sane."""
+    nsze = int.from_bytes(data[0:8], "little")
+    nlbaf, flbas = data[25], data[26]
+    index = flbas & 0x0F
+    if nlbaf >= 16:
+        index |= ((flbas >> 5) & 0x03) << 4
+    if index > nlbaf:
+        return None
+    lbads = data[128 + 4 * index + 2]
+    if not 9 <= lbads <= 24 or not nsze:
+        return None
+    return nsze << lbads
+
+
+@privileged.default.entrypoint
+def identify_namespace_size(path):
+    """The size in bytes the target reports for the namespace behind ``path`` now.
+
+    -> {'size': int or None, 'error': text or None}.  One Identify Namespace admin command
+    through the block device (the kernel sends it on a live path), without rescanning.
+    """
+    path = namespace_device(path)
+    buf = ctypes.create_string_buffer(_IDENTIFY_LEN)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        return {"size": None, "error": "open %s: %s" % (path, e.strerror)}
+    try:
+        nsid = fcntl.ioctl(fd, NVME_IOCTL_ID)
+        cmd = identify_command(nsid, ctypes.addressof(buf), _IDENTIFY_LEN)
+        status = fcntl.ioctl(fd, NVME_IOCTL_ADMIN_CMD, cmd, True)
+    except OSError as e:
+        return {"size": None, "error": "identify %s: %s" % (path, e.strerror)}
+    finally:
+        os.close(fd)
+    if status:
+        return {"size": None, "error": "identify %s: NVMe status %#x" % (path, status)}
+    size = identify_size(buf.raw)
+    return {"size": size, "error": None if size else "identify %s: no usable size" % path}

@@ -156,7 +156,24 @@ def md_assemble(name, devices):
 
 @privileged.default.entrypoint
 def md_stop(name):
-    return _run(["mdadm", "--stop", "/dev/md/" + alias(name)])
+    return stop_array(alias(name))
+
+
+def stop_array(name, dev="/dev"):
+    """Stop /dev/md/<name>; then remove the alias link if it dangles.
+
+    udev removes the link when the array goes; without udev (containers, minimal hosts) it
+    would stay behind pointing at nothing.  Only a symlink whose target is gone is removed.
+    """
+    result = _run(["mdadm", "--stop", "/dev/md/" + alias(name)])
+    if result["ok"]:
+        link = os.path.join(dev, "md", name)
+        try:
+            if os.path.islink(link) and not os.path.exists(link):
+                os.unlink(link)
+        except OSError:
+            pass            # udev got there first
+    return result
 
 
 @privileged.default.entrypoint

@@ -137,6 +137,7 @@ class SimHost(SimStorage, Kernel):
         self.minors = itertools.count()
         self.shown = {}               # uuid/nguid -> {nqn: number of controllers showing it}
         self.flush_error = None
+        self.flush_hangs = set()      # device paths whose flush never completes
         self.log = []                 # kernel messages, like dmesg
         self.lock = threading.RLock()
         self.sys = os.path.join(root, "sys")
@@ -310,9 +311,17 @@ class SimHost(SimStorage, Kernel):
                 _write(os.path.join(self._ctrl_dir(name), attr), _shown(value))
             return {a: None for a in attrs}
 
-    def flush_device(self, path):
+    def flush_device(self, path, timeout=None):
+        """A flush into a device no path can serve queues (dm queue_if_no_path, a controller
+        reconnecting); so does one into a path of ``flush_hangs`` (a target that never
+        answers).  The daemon gives up after ``timeout``; without one it would wait forever."""
         self._count("flush_device")
         self.flushed.append(path)
+        if path in self.flush_hangs or self._flush_queues(path):
+            if timeout is None:
+                raise AssertionError("flush of %s would hang forever" % path)
+            self.clock.sleep(timeout)
+            return "flush %s: no answer after %gs" % (path, timeout)
         return self.flush_error
 
     def read_first_sector(self, path):
@@ -320,6 +329,26 @@ class SimHost(SimStorage, Kernel):
         self._count("read_first_sector")
         from nvmeof_mp import blockdev
         return blockdev.read_first_sector(os.path.join(self.root, path.lstrip("/")))
+
+    def _flush_queues(self, path):
+        with self.lock:
+            if path.startswith("/dev/mapper/"):
+                dm = self.dm.get(path[len("/dev/mapper/"):])
+                return bool(dm and dm.get("queueing", True)
+                            and "A" not in dm["paths"].values())
+            name = os.path.basename(path)
+            ctrls = [c for c in self.ctrls.values() if name in c.namespaces.values()]
+            return bool(ctrls) and not any(c.state == "live" for c in ctrls)
+
+    def namespace_size(self, device):
+        """Identify Namespace: the target-side size, whatever the host's sysfs shows."""
+        self._count("namespace_size")
+        with self.lock:
+            ident = self._identity_of(device)
+            if ident is None:
+                return None
+            ns = next((n for n in self.targets[ident[0]].namespaces if n.nsid == ident[1]), None)
+            return ns.size_sectors * 512 if ns else None
 
     def ensure_host_identity(self):
         self._count("ensure_host_identity")

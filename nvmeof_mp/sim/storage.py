@@ -115,7 +115,8 @@ class SimStorage:
         self._count("dm_load")
         with self.lock:
             old = self.dm.get(name, {"paths": {}})["paths"]
-            self.dm[name] = {"size": size_sectors,
+            queueing = self.dm.get(name, {}).get("queueing", True)
+            self.dm[name] = {"size": size_sectors, "queueing": queueing,
                              "paths": {d: old.get(d, "A") for d in devnums}}
             _write(os.path.join(self.root, "dev/mapper", name), "")
             return self._ok()
@@ -127,6 +128,8 @@ class SimStorage:
                 return self._fail("device-mapper: message ioctl failed: No such device")
             if message in ("reinstate_path", "fail_path"):
                 self.dm[name]["paths"][devnum] = "A" if message == "reinstate_path" else "F"
+            elif message in ("fail_if_no_path", "queue_if_no_path"):
+                self.dm[name]["queueing"] = message == "queue_if_no_path"
             return self._ok()
 
     def dm_status(self, name):

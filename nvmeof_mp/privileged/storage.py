@@ -207,15 +207,37 @@ def multipath_table(size_sectors, devnums):
             % (size_sectors, len(devnums), paths))
 
 
+def our_map(name):
+    """``name`` when a map of that name exists and carries our DM uuid prefix, None when there
+    is no such map; a map of anyone else (LVM, dm-crypt, multipathd's) is refused.  Checked
+    on every dm call: the name alone proves nothing."""
+    name = dm_name(name)
+    info = _run(["dmsetup", "info", "-c", "--noheadings", "-o", "uuid", name])
+    if not info["ok"]:
+        return None
+    uuid = info["out"].strip()
+    if not uuid.startswith(DM_UUID_PREFIX):
+        raise PrivilegedArgumentError("map %s is not one of nvmeof_mp's (DM uuid %r)"
+                                      % (name, uuid))
+    return name
+
+
+_NO_MAP = {"ok": False, "out": "", "error": "no such map"}
+
+
 @privileged.default.entrypoint
 def dm_load(name, size_sectors, devnums):
-    """Create the multipath map, or reload it with the current set of replica devices."""
+    return load_map(name, size_sectors, devnums)
+
+
+def load_map(name, size_sectors, devnums):
+    """Create the multipath map, or reload a map of ours with the current set of replica
+    devices."""
     name = dm_name(name)
     if not isinstance(size_sectors, int) or size_sectors <= 0 or not devnums:
         raise PrivilegedArgumentError("bad map geometry")
     table = multipath_table(size_sectors, devnums)
-    exists = _run(["dmsetup", "info", name])["ok"]
-    if exists:
+    if our_map(name):
         result = _run(["dmsetup", "reload", name, "--table", table])
         if result["ok"]:
             result = _run(["dmsetup", "resume", name])
@@ -233,18 +255,30 @@ def dm_load(name, size_sectors, devnums):
 
 @privileged.default.entrypoint
 def dm_message(name, message, devnum_=None):
+    return message_map(name, message, devnum_)
+
+
+def message_map(name, message, devnum_=None):
     if message not in DM_MESSAGES:
         raise PrivilegedArgumentError("dm message %r not allowed" % (message,))
     argv = ["dmsetup", "message", dm_name(name), "0", message]
     if message in ("reinstate_path", "fail_path"):
         argv.append(devnum(devnum_))
+    if not our_map(name):
+        return dict(_NO_MAP)
     return _run(argv)
 
 
 @privileged.default.entrypoint
 def dm_status(name):
-    """Path states of the map: {'259:0': 'A' | 'F'}; None when the map does not exist."""
-    result = _run(["dmsetup", "status", dm_name(name)])
+    return map_status(name)
+
+
+def map_status(name):
+    """Path states of a map of ours: {'259:0': 'A' | 'F'}; None when the map does not exist."""
+    if not our_map(name):
+        return None
+    result = _run(["dmsetup", "status", name])
     if not result["ok"]:
         return None
     return parse_multipath_status(result["out"])
@@ -258,7 +292,12 @@ def parse_multipath_status(text):
 
 @privileged.default.entrypoint
 def dm_remove(name):
-    """Stop queueing (so nothing hangs), then remove the map."""
-    name = dm_name(name)
+    return remove_map(name)
+
+
+def remove_map(name):
+    """Stop queueing (so nothing hangs), then remove a map of ours."""
+    if not our_map(name):
+        return dict(_NO_MAP)
     _run(["dmsetup", "message", name, "0", "fail_if_no_path"])
     return _run(["dmsetup", "remove", "--retry", name])

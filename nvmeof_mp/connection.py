@@ -250,9 +250,10 @@ def validate_nqn(value, key):
     return value
 
 
-def unsafe_char(value):
-    """Why ``value`` cannot travel in a fabrics option string or an argv, or None."""
-    if value.startswith("-"):
+def unsafe_char(value, argv=True):
+    """Why ``value`` cannot travel in a fabrics option string (or, with ``argv``, also as an
+    argument of a tool, where a leading '-' reads as an option), or None."""
+    if argv and value.startswith("-"):
         return "starts with '-'"
     for ch in value:
         if ch in ",=":

@@ -45,6 +45,14 @@ def test_the_daemon_accepts_what_the_client_accepts(nqn):
     assert nvme.fabrics_option_string(opts).split(",")[0] == "nqn=" + nqn
 
 
+def test_the_option_string_carries_the_default_policy():
+    """ctrl_loss_tmo -1 (reconnect forever) is a value, not an option to refuse."""
+    from nvmeof_mp.policy import TimeoutPolicy
+    opts = dict(BASE, **TimeoutPolicy().controller_options(replica_leg=False))
+    text = nvme.fabrics_option_string(nvme.connect_options(opts))
+    assert "ctrl_loss_tmo=-1" in text.split(",")
+
+
 @pytest.mark.parametrize("nqn,reason", [
     ("nqn.x:" + "a" * 220, "223 bytes"),
     ("nqn.x:a,hostnqn=evil", "','"),

@@ -170,8 +170,8 @@ def fabrics_option_string(opts):
             parts.append("%s=%s" % (kname, opts[key]))
     for part in parts:      # the last check before the kernel parses it: one option each
         value = part.split("=", 1)[1]
-        bad = connection.unsafe_char(value.replace("=", "")
-                                     if part.startswith("dhchap") else value)
+        bad = connection.unsafe_char(value.replace("=", "") if part.startswith("dhchap")
+                                     else value, argv=False)
         if bad or not value:
             raise PrivilegedArgumentError("option %s refused: %s" % (
                 part.split("=", 1)[0], bad or "empty"))     # never echo a value: a secret

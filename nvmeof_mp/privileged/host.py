@@ -8,7 +8,7 @@ import re
 import threading
 import uuid as uuidlib
 
-from nvmeof_mp import privileged
+from nvmeof_mp import privileged, threads
 from nvmeof_mp.exception import PrivilegedArgumentError
 
 NVME_ETC = "/etc/nvme"
@@ -105,7 +105,7 @@ def device_path(path):
 
 
 FLUSH_TIMEOUT = 30.0
-_IN_FLIGHT = {}             # device path -> thread of a flush that has not returned yet
+_IN_FLIGHT = set()          # device paths with a flush that has not returned yet
 _IN_FLIGHT_LOCK = threading.Lock()
 
 
@@ -146,24 +146,22 @@ def bounded_flush(path, timeout):
     with _IN_FLIGHT_LOCK:
         if path in _IN_FLIGHT:
             return "flush %s: an earlier flush is still blocked (no path serves its I/O)" % path
-        outcome = {}
+        _IN_FLIGHT.add(path)
 
-        def run():
-            try:
-                outcome["error"] = _flush(path)
-            except Exception as e:          # noqa: BLE001 - reported, never lost in a thread
-                outcome["error"] = "flush %s: %s" % (path, e)
-            finally:
-                with _IN_FLIGHT_LOCK:
-                    _IN_FLIGHT.pop(path, None)
-        worker = threading.Thread(target=run, name="flush " + path, daemon=True)
-        _IN_FLIGHT[path] = worker
-        worker.start()
-    worker.join(timeout)
-    if worker.is_alive():
+    def run():
+        try:
+            return _flush(path)
+        finally:
+            with _IN_FLIGHT_LOCK:
+                _IN_FLIGHT.discard(path)
+    try:
+        finished, error = threads.run_with_deadline(run, timeout, "flush")
+    except Exception as e:          # noqa: BLE001 - reported, never lost in a thread
+        return "flush %s: %s" % (path, e)
+    if not finished:
         return "flush %s: no answer after %gs (its I/O is queued: no path serves it)" % (
             path, timeout)
-    return outcome.get("error")
+    return error
 
 
 def _flush(path):

@@ -168,8 +168,9 @@ def cmd_guest_smoke(args) -> int:
 
 def cmd_guest_gate(args) -> int:
     from . import guest
+    # faulthandler: the stacks of a test that hangs (tests/gate/conftest.py fails it at 300 s)
     pytest = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-              str(paths.project_dir() / "tests" / "gate")]
+              "-o", "faulthandler_timeout=280", str(paths.project_dir() / "tests" / "gate")]
     extra = [a for a in args.pytest_args if a != "--"]
     return guest.gate_passes(pytest, extra, passes=tuple(args.passes.split(",")))
 

@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     p.add_argument("--passes", choices=("both", "user", "root"), default="both",
                    help="as the lab user via the root helper, as root without one, or both")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER)
-    p.set_defaults(timeout=1200)
+    p.set_defaults(timeout=1800)
 
     p = sub.add_parser("_guest-smoke")
     p.set_defaults(func=cmd_guest_smoke)

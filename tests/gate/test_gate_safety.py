@@ -15,6 +15,7 @@ so a hang fails its test instead of the gate.
 
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -218,8 +219,13 @@ def silent_port():
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", SILENT_PORT))
     sock.listen(16)
-    yield SILENT_PORT
+    yield sock
     sock.close()
+
+
+def connect_pending(sock):
+    """True once a connection waits in the silent port's queue: a portal connect is stuck."""
+    return bool(select.select([sock], [], [], 0)[0])
 
 
 def _proc(pid, name):
@@ -283,7 +289,7 @@ def test_privsep_daemon_killed_mid_attach(target, silent_port, mode):
     controller the dead daemon made for the first portal must not stay behind; the next
     attach must start a new daemon."""
     slow, first_nqn = {"native": killed_native_case, "raid": killed_raid_case}[mode](
-        target, silent_port)
+        target, SILENT_PORT)
     after_nqn = NQN + "-after"
     target.add_subsystem(after_nqn)
     target.add_namespace(after_nqn, 1, 16, "6a7b8c9d-0e1f-4a2b-8c3d-4e5f6a7b8c9d")
@@ -293,9 +299,10 @@ def test_privsep_daemon_killed_mid_attach(target, silent_port, mode):
     proc = start_worker("killed_attach", {"slow": slow, "after": after})
     killed = False
     try:
-        made = wait_for(lambda: controllers_of(first_nqn) or proc.poll() is not None,
-                        WORKER_TIMEOUT, interval=0.05)
-        assert made and proc.poll() is None, "the first portal never connected"
+        # kill while the first portal's controller exists and the silent one is connecting
+        made = wait_for(lambda: (controllers_of(first_nqn) and connect_pending(silent_port))
+                        or proc.poll() is not None, WORKER_TIMEOUT, interval=0.05)
+        assert made and proc.poll() is None, "the attach never got to the silent portal"
         daemons = privsep_daemons(proc.pid, proc.daemons_before)
         assert daemons, "no privsep daemon of the worker found"
         for pid in daemons:

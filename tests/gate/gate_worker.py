@@ -12,8 +12,6 @@ import sys
 
 if __name__ == "__main__" and sys.argv[1:2] == ["green_pair"]:
     # As nova-compute and cinder-volume do: patch before anything else is imported.
-    import warnings
-    warnings.filterwarnings("ignore", message="\nEventlet is deprecated")
     import eventlet
     eventlet.monkey_patch()
 

@@ -49,7 +49,8 @@ def who():
 
 def start_worker(scenario, args):
     before = privsep_daemons()
-    proc = subprocess.Popen([sys.executable, WORKER, scenario, json.dumps(args)],
+    env = dict(os.environ, PYTHONWARNINGS="ignore::DeprecationWarning")   # eventlet's notice
+    proc = subprocess.Popen([sys.executable, WORKER, scenario, json.dumps(args)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.daemons_before = before
     return proc

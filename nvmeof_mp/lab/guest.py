@@ -76,8 +76,9 @@ def gate_passes(pytest_argv, extra_args=(), passes=("user", "root")) -> int:
     library forks its privsep daemon.  One target agent serves both passes.
 
     ``pytest_argv`` is the pytest command without ``-m``, ``extra_args`` the caller's pytest
-    options (a ``-m`` there wins); a pass that selects nothing
-    (pytest exit code 5) does not fail the gate unless every pass selects nothing.
+    options (a ``-m`` there wins).  A pass that selects nothing (pytest exit code 5) does not
+    fail the gate unless every pass selects nothing.  Each pass's exit code and time go to
+    ``gate-passes.txt`` in the result share.
     """
     out = os.environ.get("NVMEOF_MP_LAB_OUT")
     rcs = {}

@@ -165,6 +165,11 @@ class Target:
     def cleanup_initiator(self) -> list:
         return cleanup_initiator()
 
+    def kill_process(self, pid: int) -> bool:
+        """SIGKILL ``pid`` (a test kills a root privsep daemon it cannot signal itself);
+        False if it was gone already."""
+        return kill_process(pid)
+
     def teardown(self) -> None:
         """Remove every port, subsystem and host in dependency order (links first)."""
         for port in (self.root / "ports").iterdir():
@@ -213,6 +218,17 @@ def cleanup_initiator():
     return done
 
 
+def kill_process(pid: int) -> bool:
+    pid = int(pid)
+    if pid <= 1 or pid == os.getpid():
+        raise ValueError(f"will not kill pid {pid}")
+    try:
+        os.kill(pid, 9)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def two_path_volume(target, nqn, uuid, size_mb=64):
     """A subsystem with one namespace on ports 4420 (ANA optimized) and 4421 (non-optimized).
 
@@ -232,7 +248,7 @@ def two_path_volume(target, nqn, uuid, size_mb=64):
 #: Target methods the agent serves.
 AGENT_OPS = ("add_subsystem", "allow_host", "add_namespace", "resize_namespace",
              "remove_namespace", "add_port", "link", "unlink", "set_ana_state", "state",
-             "teardown", "cleanup_initiator")
+             "teardown", "cleanup_initiator", "kill_process")
 
 
 class TargetAgent:

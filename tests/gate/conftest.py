@@ -1,17 +1,48 @@
 """Gate suite: runs INSIDE the lab VM against the real kernel (see doc/source/lab.rst).
 
-The test process is the unprivileged lab user; root actions go through the real privsep
-daemon started by ``$NVMEOF_MP_ROOT_HELPER`` (sudo + our rootwrap filter).  The nvmet target is
-driven through the root target agent at ``$NVMEOF_MP_TARGET_SOCK``.
+Two passes per VM.  First the test process is the unprivileged lab user; root actions go
+through the real privsep daemon started by ``$NVMEOF_MP_ROOT_HELPER`` (sudo + our rootwrap
+filter), as on a deployed compute host.  Then the tests marked ``root_too`` run again as root
+with no root helper: the library forks its privsep daemon (oslo.privsep's fork method), as a
+service running as root does.  The nvmet target is driven through the root target agent at
+``$NVMEOF_MP_TARGET_SOCK``.
 """
 
 import os
+import signal
 
 import pytest
 
 from nvmeof_mp.lab.workload import native_multipath
 
 IN_LAB = bool(os.environ.get("NVMEOF_MP_TARGET_SOCK"))
+#: A gate test that takes longer fails instead of hanging the VM run (and every test after it).
+TEST_TIMEOUT = float(os.environ.get("NVMEOF_MP_GATE_TEST_TIMEOUT", "300"))
+
+
+def root_helper():
+    """The root helper the connector gets: the deployed one for the lab user, none as root
+    (the library then forks its privsep daemon)."""
+    return None if os.getuid() == 0 else os.environ["NVMEOF_MP_ROOT_HELPER"]
+
+
+class GateTestTimeout(Exception):
+    pass
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """SIGALRM after TEST_TIMEOUT: interrupts a flock, a lock wait or a socket read of the
+    main thread, so a hang shows up as a failed test."""
+    def expired(signum, frame):
+        raise GateTestTimeout("gate test still running after %ss" % TEST_TIMEOUT)
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, TEST_TIMEOUT)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,6 +61,8 @@ def pytest_collection_modifyitems(config, items):
 def pytest_configure(config):
     config.addinivalue_line("markers", "native: needs nvme_core multipath=Y")
     config.addinivalue_line("markers", "no_native: needs nvme_core multipath=N")
+    config.addinivalue_line("markers", "root_too: also runs as root without a root helper "
+                            "(forked privsep daemon)")
 
 
 @pytest.fixture
@@ -43,10 +76,17 @@ def target():
 
 @pytest.fixture(scope="session")
 def connector():
+    """The connector as the lab user through the root helper, or as root without one.
+
+    As root its privsep daemon is forked here, outside any lock, as a root service's startup
+    (get_connector_properties) would; a daemon forked by the first attach is the business
+    of ``test_gate_safety``.
+    """
     from nvmeof_mp.connector import NVMeOFConnector
-    assert os.getuid() != 0, "the gate drives the connector as a non-root user"
-    return NVMeOFConnector(root_helper=os.environ["NVMEOF_MP_ROOT_HELPER"],
-                           use_multipath=True)
+    conn = NVMeOFConnector(root_helper=root_helper(), use_multipath=True)
+    if os.getuid() == 0:
+        conn.kernel.read_system_uuid()
+    return conn
 
 
 @pytest.fixture

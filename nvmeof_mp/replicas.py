@@ -95,18 +95,20 @@ def teardown(connector, request, path, remove, force, dead=None, unqueue=None):
 
     A failed step raises ``DetachAborted`` unless ``force``: the replicas must not go away
     under a device that still holds unwritten data.  ``dead()`` says that no path can serve a
-    flush (it would only queue): the detach then stops at once, or with ``force`` calls
-    ``unqueue()`` (queued I/O fails) and goes on without the flush.  A flush gives up after
-    ``policy.flush_timeout``.  Returns the list of error texts.
+    flush (it would only queue): the detach then stops at once.  With ``force``, ``unqueue()``
+    comes first (no I/O queues any more: with a live path the flush works as before, without
+    one it fails at once instead of after ``policy.flush_timeout``), and the detach goes on
+    past every failure.  Returns the list of error texts.
     """
     errors, retry = [], False
     if exists(connector, path):
+        if force and unqueue is not None:
+            unqueue()
         if dead is not None and dead():
             err = "no active path in %s: flush impossible" % path
             if not force:
                 raise DetachAborted(what=path, reason=err + "; detach with force to discard "
                                     "what is queued")
-            unqueue()
             errors.append(err + " (detached without it)")
             err = None
         else:

@@ -159,6 +159,17 @@ def test_dm_flush_that_hangs_gives_up_and_leaves_the_map_queueing(two):
     assert two.sim.dm == {} and two.sim.controllers() == []
 
 
+def test_forced_dm_detach_stops_queueing_before_it_flushes(two):
+    """The legs died without I/O, so the map still shows its paths active: a forced detach
+    must not wait flush_timeout for a flush that can only queue (the gate's bound)."""
+    two.connector.connect_volume(dm_info())
+    two.sim.flush_hangs.add("/dev/mapper/" + UUID_TOP)
+    start = two.sim.clock.now
+    two.connector.disconnect_volume(dm_info(), None, force=True, ignore_errors=True)
+    assert two.sim.clock.now - start < 1.0
+    assert two.sim.dm == {} and two.sim.controllers() == []
+
+
 # -- the daemon's flush: fsync in a thread, given up after the deadline -----------------------
 
 def test_daemon_flush_gives_up_after_the_deadline_and_does_not_pile_up(monkeypatch):

@@ -77,7 +77,7 @@ class TestInvalid(unittest.TestCase):
         ({"volume_replicas": [REPLICA_A, {"dm_replicas": [REPLICA_B]}], "alias": "v"},
          "volume_replicas[1]", "cannot nest"),
         ({"volume_replicas": [REPLICA_A]}, "alias", "required"),
-        ({"volume_replicas": [REPLICA_A], "alias": "../etc"}, "alias", "1-32 characters"),
+        ({"volume_replicas": [REPLICA_A], "alias": "../etc"}, "alias", "1-255 characters"),
         ({"volume_replicas": [REPLICA_A, REPLICA_B], "alias": "v", "replica_count": 3},
          "replica_count", "lists 2"),
         ({"volume_replicas": []}, "volume_replicas", "non-empty"),

@@ -61,3 +61,180 @@ def test_fabrics_namespace_refuses_a_subsystem_with_a_pcie_controller(tmp_path, 
     monkeypatch.setattr(host, "SYS", sim.sys)
     with pytest.raises(PrivilegedArgumentError, match="pcie"):
         host.fabrics_namespace("/dev/" + ctrl.namespaces[1])
+
+
+# -- the plan: what to do with the legs found (plain values) -----------------------------------
+
+from nvmeof_mp import raid                                             # noqa: E402
+from nvmeof_mp.exception import ReplicaError                           # noqa: E402
+
+from simlab import UUID2                                               # noqa: E402
+
+OURS = {"MD_NAME": "any:vol1", "MD_UUID": "6e766d65:6f666d70:00000001:00000001",
+        "MD_EVENTS": "7"}
+OTHER = {"MD_NAME": "host:data", "MD_UUID": "11111111:22222222:33333333:44444444"}
+
+
+def test_plan_creates_only_over_every_leg_blank():
+    assert raid.plan("vol1", 2, [("a", None), ("b", None)]).action == "create"
+    refused = raid.plan("vol1", 2, [("a", None)])
+    assert refused.action == "refuse" and "1 of 2 legs" in refused.reason
+    refused = raid.plan("vol1", 2, [("a", None), ("b", OTHER)])
+    assert refused.action == "refuse" and "another array" in refused.reason
+
+
+def test_plan_assembles_from_our_legs_adds_blank_ones_and_leaves_foreign_ones_out():
+    p = raid.plan("vol1", 3, [("a", OURS), ("b", None), ("c", OTHER)])
+    assert (p.action, p.members, p.add) == ("assemble", ["a"], ["b"])
+    assert [leg for leg, _ in p.left_out] == ["c"]
+    # a leg absent: degraded assemble from the legs that carry the array (availability)
+    assert raid.plan("vol1", 2, [("a", OURS)]).members == ["a"]
+    # two arrays of the same name: which one holds the data is unknown
+    split = dict(OURS, MD_UUID="6e766d65:6f666d70:00000002:00000002")
+    assert raid.plan("vol1", 2, [("a", OURS), ("b", split)]).action == "refuse"
+
+
+def test_plan_single_replica_is_its_own_device_unless_it_carries_our_array():
+    assert raid.plan("v", 1, [("a", None)]) == raid.Plan("device", members=["a"])
+    assert raid.plan("vol1", 1, [("a", OURS)]).action == "assemble"
+    p = raid.plan("vol1", 1, [("a", OTHER)])        # a guest's own md inside the disk
+    assert (p.action, p.members) == ("device", ["a"])
+
+
+def test_md_name_is_the_alias_or_a_stable_32_byte_derivation():
+    assert raid.md_name("vol1") == "vol1"
+    assert raid.md_name("x" * 32) == "x" * 32
+    long = "volume-" + UUID
+    name = raid.md_name(long)
+    assert len(name.encode()) == 32 and name.startswith("volume-" + UUID[:16] + "-")
+    assert name == raid.md_name(long) != raid.md_name("volume-" + UUID2)
+
+
+# -- end to end on the simulated host: no sequence overwrites a leg holding data ---------------
+
+NQA, NQB = NQN + "-a", NQN + "-b"
+
+
+def replica(nqn, uuid, ports):
+    return {"target_nqn": nqn, "vol_uuid": uuid,
+            "portals": [["127.0.0.1", p, "tcp"] for p in ports]}
+
+
+def raid_info(alias="vol1"):
+    return {"volume_replicas": [replica(NQA, UUID, [4420]), replica(NQB, UUID2, [4421])],
+            "replica_count": 2, "alias": alias}
+
+
+@pytest.fixture
+def two(lab):
+    lab.target(nqn=NQA, ports=(4420,), namespaces=((1, UUID),))
+    lab.target(nqn=NQB, ports=(4421,), namespaces=((1, UUID2),))
+    return lab
+
+
+def _sb(lab, nqn):
+    return lab.sim.superblocks.get((nqn, 1))
+
+
+def _dev(lab, nqn):
+    return "/dev/" + next(c.namespaces[1] for c in lab.sim.ctrls.values() if c.nqn == nqn)
+
+
+def test_data_leg_absent_with_a_blank_replacement_is_refused_then_healed(two):
+    two.connector.connect_volume(raid_info())
+    two.sim.md_write("vol1")
+    two.connector.disconnect_volume(raid_info())
+    del two.sim.superblocks[(NQB, 1)]               # replica B re-made blank by the backend
+    two.sim.portal(NQA, 4420).mode = "refuse"       # the leg with the data is away
+    with pytest.raises(ReplicaError, match="1 of 2 legs"):
+        two.connector.connect_volume(raid_info())
+    assert two.sim.md == {} and _sb(two, NQB) is None and two.sim.calls["md_create"] == 1
+    two.sim.portal(NQA, 4420).mode = "up"           # back: assembled from A, B added blank
+    result = two.connector.connect_volume(raid_info())
+    assert not result["degraded"] and two.sim.calls["md_create"] == 1
+    assert _sb(two, NQB)["uuid"] == _sb(two, NQA)["uuid"] == two.sim.md["vol1"]["uuid"]
+
+
+def test_a_leg_of_another_array_is_never_added(two):
+    two.connector.connect_volume(raid_info())
+    two.connector.disconnect_volume(raid_info())
+    other = {"name": "data", "uuid": "11111111:22222222:33333333:44444444", "events": 9}
+    two.sim.superblocks[(NQB, 1)] = dict(other)
+    result = two.connector.connect_volume(raid_info())
+    assert result["degraded"] and list(two.sim.md["vol1"]["legs"]) == [_dev(two, NQA)]
+    assert "another array" in result["replicas"][1]["error"]
+    assert _sb(two, NQB) == other
+    assert two.sim.calls.get("md_add", 0) == 0
+
+
+def test_a_stale_leg_returning_after_writes_is_re_added(two):
+    two.connector.connect_volume(raid_info())
+    two.sim.md_fail("vol1", _dev(two, NQB))
+    two.sim.md_write("vol1")
+    two.sim.md_write("vol1")
+    assert _sb(two, NQB)["events"] < _sb(two, NQA)["events"]
+    result = two.connector.connect_volume(raid_info())         # heal
+    assert not result["degraded"]
+    assert two.sim.md["vol1"]["legs"][_dev(two, NQB)] == "active"
+    assert two.sim.calls.get("md_add", 0) == 0
+
+
+def test_a_leg_ahead_of_the_array_is_left_out_not_overwritten(two):
+    two.connector.connect_volume(raid_info())
+    two.sim.md_fail("vol1", _dev(two, NQA))                     # A falls behind
+    for _ in range(3):
+        two.sim.md_write("vol1")
+    two.connector.disconnect_volume(raid_info())
+    two.sim.portal(NQB, 4421).mode = "refuse"                   # only the stale A comes
+    assert two.connector.connect_volume(raid_info())["degraded"]
+    two.sim.md_write("vol1")
+    b_before = dict(_sb(two, NQB))
+    two.sim.portal(NQB, 4421).mode = "up"
+    result = two.connector.connect_volume(raid_info())          # B returns, ahead
+    assert result["degraded"] and "left out" in result["replicas"][1]["error"]
+    assert _sb(two, NQB) == b_before and two.sim.calls.get("md_add", 0) == 0
+
+
+# -- what Cinder's KumoScale driver sends ------------------------------------------------------
+
+KUMO_ALIAS = "volume-" + UUID                       # 43 characters
+
+
+def kumo_single():
+    return {"vol_uuid": UUID, "alias": KUMO_ALIAS, "writable": True, "replica_count": 1,
+            "volume_replicas": [{"vol_uuid": UUID, "target_nqn": NQA,
+                                 "portals": [("127.0.0.1", "4420", "TCP")]}]}
+
+
+def test_kumoscale_single_replica_is_the_namespace_itself(two):
+    info = kumo_single()
+    result = two.connector.connect_volume(info)
+    assert result["path"] == "/dev/nvme0n1" and two.sim.md == {}
+    assert two.connector.get_volume_paths(info) == ["/dev/nvme0n1"]
+    two.sim.resize(NQA, 1, 262144)
+    assert two.connector.extend_volume(info) == 262144 * 512
+    assert two.connector.check_paths(info)["attached"]
+    two.connector.disconnect_volume(info)
+    assert two.sim.controllers() == [] and two.connector.get_volume_paths(info) == []
+
+
+def test_single_replica_carrying_our_array_is_assembled(two):
+    info = kumo_single()
+    name = raid.md_name(KUMO_ALIAS)
+    two.sim.superblocks[(NQA, 1)] = {"name": name, "uuid": "6e766d65:6f666d70:0:1",
+                                     "events": 4}
+    result = two.connector.connect_volume(info)
+    assert result["path"] == "/dev/md/" + name and name in two.sim.md
+    assert two.connector.get_volume_paths(info) == ["/dev/md/" + name]
+    two.connector.disconnect_volume(info)
+    assert two.sim.md == {} and two.sim.controllers() == []
+
+
+def test_a_long_multi_replica_alias_gets_a_stable_md_name(two):
+    info = raid_info("volume-" + UUID)
+    result = two.connector.connect_volume(info)
+    name = raid.md_name("volume-" + UUID)
+    assert result["path"] == "/dev/md/" + name and len(name) == 32
+    assert two.connector.get_volume_paths(info) == ["/dev/md/" + name]
+    two.connector.disconnect_volume(info)
+    assert two.sim.md == {}

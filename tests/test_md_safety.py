@@ -238,3 +238,143 @@ def test_a_long_multi_replica_alias_gets_a_stable_md_name(two):
     assert two.connector.get_volume_paths(info) == ["/dev/md/" + name]
     two.connector.disconnect_volume(info)
     assert two.sim.md == {}
+
+
+# -- the daemon re-checks: fabrics legs, the marker, blank before add --------------------------
+
+from nvmeof_mp import privileged                                       # noqa: E402
+from nvmeof_mp.privileged import storage                               # noqa: E402
+
+MARKED = storage.MD_UUID_PREFIX + "0a0b0c0d:01020304"
+
+
+class FakeMdadm:
+    """``storage._run`` answering as mdadm: --examine/--detail from dicts, the rest ok."""
+
+    def __init__(self):
+        self.examine, self.detail, self.calls = {}, {}, []
+
+    def __call__(self, argv):
+        self.calls.append(argv)
+        if argv[1] in ("--examine", "--detail"):
+            info = (self.examine if argv[1] == "--examine" else self.detail).get(argv[-1])
+            if info is None:
+                return {"ok": False, "out": "", "error": "mdadm: No md superblock detected"}
+            return {"ok": True, "error": "",
+                    "out": "".join("%s=%s\n" % kv for kv in info.items())}
+        return {"ok": True, "out": "", "error": ""}
+
+    def acted(self):
+        return [a for a in self.calls if a[1] not in ("--examine", "--detail")]
+
+
+@pytest.fixture
+def daemon(tmp_path, monkeypatch):
+    """Two fabrics namespaces (nvme0n1, nvme1n1) and a PCIe disk nvme9n1, mdadm faked."""
+    sim = SimHost(str(tmp_path / "host"), native_multipath=False)
+    for i, (nqn, uuid) in enumerate(((NQN + "-a", UUID), (NQN + "-b", UUID2))):
+        sim.add_target(nqn, [("127.0.0.1", 4420 + i)], [SimNamespace(1, uuid)])
+        sim.connect({"nqn": nqn, "traddr": "127.0.0.1", "trsvcid": str(4420 + i),
+                     "transport": "tcp"})
+    sim.clock.sleep(5)
+    _pcie(sim.sys, False)
+    monkeypatch.setattr(host, "SYS", sim.sys)
+    monkeypatch.setattr(storage, "DEV", os.path.join(sim.root, "dev"))
+    monkeypatch.setattr(privileged.default, "client_mode", False)      # in-process
+    fake = FakeMdadm()
+    monkeypatch.setattr(storage, "_run", fake)
+    return fake
+
+
+def _sb_of(name, uuid=MARKED, events=5):
+    return {"MD_LEVEL": "raid1", "MD_NAME": "any:" + name, "MD_UUID": uuid,
+            "MD_EVENTS": str(events)}
+
+
+def _running(fake, name, uuid=MARKED, members=("/dev/nvme0n1", "/dev/nvme1n1")):
+    link = os.path.join(storage.DEV, "md", name)
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    open(os.path.join(storage.DEV, "md127"), "w").close()
+    os.symlink("../md127", link)
+    info = dict(_sb_of(name, uuid))
+    for m in members:
+        info["MD_DEVICE_dev_%s_DEV" % m[5:]] = m
+    fake.detail["/dev/md/" + name] = info
+
+
+def test_daemon_md_legs_must_be_fabrics_namespaces(daemon):
+    for call in (lambda: storage.md_create("vol1", ["/dev/nvme0n1", "/dev/nvme9n1"], 2),
+                 lambda: storage.md_assemble("vol1", ["/dev/nvme9n1"]),
+                 lambda: storage.md_examine("/dev/nvme9n1")):
+        with pytest.raises(PrivilegedArgumentError, match="not an NVMe-oF namespace"):
+            call()
+    assert daemon.calls == []
+
+
+def test_daemon_create_marks_the_array_and_needs_every_leg_blank(daemon):
+    with pytest.raises(PrivilegedArgumentError, match="every leg"):
+        storage.md_create("vol1", ["/dev/nvme0n1"], 2)        # no "missing" slot any more
+    daemon.examine["/dev/nvme1n1"] = _sb_of("vol1")
+    result = storage.md_create("vol1", ["/dev/nvme0n1", "/dev/nvme1n1"], 2)
+    assert not result["ok"] and "not created over" in result["error"]
+    assert daemon.acted() == []
+    del daemon.examine["/dev/nvme1n1"]
+    assert storage.md_create("vol1", ["/dev/nvme0n1", "/dev/nvme1n1"], 2)["ok"]
+    create = daemon.acted()[-1]
+    uuid = next(a for a in create if a.startswith("--uuid="))[len("--uuid="):]
+    assert uuid.startswith(storage.MD_UUID_PREFIX) and "missing" not in create
+
+
+def test_daemon_stop_and_grow_refuse_an_array_not_ours(daemon):
+    _running(daemon, "vol1", uuid="11111111:22222222:33333333:44444444",
+             members=("/dev/nvme9n1",))                  # a local array under that name
+    for call in (storage.md_stop, storage.md_grow):
+        result = call("vol1")
+        assert not result["ok"] and "not ours" in result["error"]
+    daemon.detail["/dev/md/vol1"]["MD_NAME"] = "host:root"
+    assert "not an array this library made" in storage.md_stop("vol1")["error"]
+    assert daemon.acted() == []
+
+
+def test_daemon_stop_and_grow_act_on_marked_and_legacy_arrays(daemon):
+    _running(daemon, "vol1")
+    assert storage.md_grow("vol1")["ok"] and storage.md_stop("vol1")["ok"]
+    # made before the marker (os-brick, older releases): adopted when named exactly so
+    daemon.detail["/dev/md/vol1"]["MD_UUID"] = "11111111:22222222:33333333:44444444"
+    assert storage.md_stop("vol1")["ok"]
+    assert [a[1] for a in daemon.acted()] == ["--grow", "--stop", "--stop"]
+
+
+def test_daemon_assemble_re_adds_only_legs_of_the_array_and_never_adds(daemon):
+    daemon.examine["/dev/nvme0n1"] = _sb_of("vol1")
+    daemon.examine["/dev/nvme1n1"] = _sb_of("other")
+    result = storage.md_assemble("vol1", ["/dev/nvme0n1", "/dev/nvme1n1"])
+    assert not result["ok"] and "/dev/nvme1n1" in result["error"] and daemon.acted() == []
+    daemon.examine["/dev/nvme1n1"] = _sb_of("vol1", "6e766d65:6f666d70:99999999:99999999")
+    result = storage.md_assemble("vol1", ["/dev/nvme0n1", "/dev/nvme1n1"])
+    assert not result["ok"] and "different arrays" in result["error"]
+    daemon.examine["/dev/nvme1n1"] = _sb_of("vol1")
+    _running(daemon, "vol1")
+    storage.md_assemble("vol1", ["/dev/nvme0n1", "/dev/nvme1n1"])
+    verbs = [a[3] for a in daemon.acted() if a[1] == "--manage"]
+    assert "--add" not in verbs and verbs.count("--re-add") == 2
+
+
+def test_daemon_assemble_refuses_to_adopt_a_running_array_of_another_uuid(daemon):
+    daemon.examine["/dev/nvme0n1"] = _sb_of("vol1")
+    _running(daemon, "vol1", uuid=storage.MD_UUID_PREFIX + "99999999:99999999")
+    result = storage.md_assemble("vol1", ["/dev/nvme0n1"])
+    assert not result["ok"] and "not the array of these legs" in result["error"]
+    assert daemon.acted() == []
+
+
+def test_daemon_add_only_blank_legs_to_our_array(daemon):
+    _running(daemon, "vol1", members=("/dev/nvme0n1",))
+    daemon.examine["/dev/nvme1n1"] = _sb_of("vol1", events=9)
+    result = storage.md_add("vol1", "/dev/nvme1n1")
+    assert not result["ok"] and "never added over" in result["error"]
+    del daemon.examine["/dev/nvme1n1"]
+    assert storage.md_add("vol1", "/dev/nvme1n1")["ok"]
+    assert daemon.acted() == [["mdadm", "--manage", "/dev/md/vol1", "--add", "/dev/nvme1n1"]]
+    with pytest.raises(PrivilegedArgumentError):
+        storage.md_add("vol1", "/dev/nvme9n1")

@@ -148,7 +148,9 @@ def parse(info: Mapping[str, Any]) -> VolumeRequest:
             count = len(targets)
         elif not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise InvalidConnectionInfo("replica_count", "must be a positive integer")
-        elif count != len(targets):
+        elif count < len(targets):
+            # more (KumoScale: a replica whose backend is away is not listed) is allowed:
+            # the array is then assembled degraded, never created (see raid.plan)
             raise InvalidConnectionInfo(
                 "replica_count", "is %d but volume_replicas lists %d" % (count, len(targets)))
         alias = info.get("alias")

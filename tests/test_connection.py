@@ -78,7 +78,7 @@ class TestInvalid(unittest.TestCase):
          "volume_replicas[1]", "cannot nest"),
         ({"volume_replicas": [REPLICA_A]}, "alias", "required"),
         ({"volume_replicas": [REPLICA_A], "alias": "../etc"}, "alias", "1-255 characters"),
-        ({"volume_replicas": [REPLICA_A, REPLICA_B], "alias": "v", "replica_count": 3},
+        ({"volume_replicas": [REPLICA_A, REPLICA_B], "alias": "v", "replica_count": 1},
          "replica_count", "lists 2"),
         ({"volume_replicas": []}, "volume_replicas", "non-empty"),
         ({"volume_replicas": [dict(REPLICA_A, portals=[("1.2.3.4", 99999, "tcp")])],

@@ -378,3 +378,17 @@ def test_daemon_add_only_blank_legs_to_our_array(daemon):
     assert daemon.acted() == [["mdadm", "--manage", "/dev/md/vol1", "--add", "/dev/nvme1n1"]]
     with pytest.raises(PrivilegedArgumentError):
         storage.md_add("vol1", "/dev/nvme9n1")
+
+
+def test_replica_count_above_the_listed_replicas_assembles_but_never_creates(two):
+    """KumoScale sends replica_count = the volume's replicas and one entry per target it
+    could publish: a replica whose backend is away is simply not listed."""
+    two.connector.connect_volume(raid_info())
+    two.connector.disconnect_volume(raid_info())
+    only_a = dict(raid_info(), volume_replicas=raid_info()["volume_replicas"][:1])
+    result = two.connector.connect_volume(only_a)               # degraded assemble from A
+    assert result["degraded"] and two.sim.calls["md_create"] == 1
+    two.connector.disconnect_volume(only_a)
+    two.sim.superblocks.clear()                                 # a volume never attached
+    with pytest.raises(ReplicaError, match="1 of 2 legs"):
+        two.connector.connect_volume(only_a)

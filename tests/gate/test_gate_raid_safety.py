@@ -1,0 +1,91 @@
+"""RAID1 data safety against the real kernel and mdadm (issue 13, items 3, 7 and 8): no
+sequence of attach, heal and detach overwrites a leg holding the volume's data."""
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from nvmeof_mp.exception import ReplicaError
+from nvmeof_mp.lab.workload import Writer, verify, wait_for
+
+from test_gate import NQN, U1, U2, controllers, md_degraded, replicas
+
+pytestmark = pytest.mark.usefixtures("no_leftovers")
+NQB = NQN + "-b"
+
+
+def write_some(device, seconds=1.0):
+    w = Writer(device, blocks=64)
+    w.start()
+    time.sleep(seconds)
+    w.stop()
+    assert not w.errors and w.ops > 0, w.errors[:5]
+    return w.expected
+
+
+def md_uuid(path):
+    out = subprocess.run(["mdadm", "--detail", "--export", path], capture_output=True,
+                         text=True)
+    if out.returncode:
+        pytest.skip("mdadm --detail needs more than group disk here: %s" % out.stderr)
+    return dict(line.split("=", 1) for line in out.stdout.splitlines()
+                if "=" in line).get("MD_UUID", "")
+
+
+def test_raid_safety_data_leg_absent_with_a_blank_replacement(connector, target):
+    """The leg holding the data is away and the other replica was re-made blank: refused
+    (never an empty array); when the data leg returns it is assembled and the blank leg
+    added and resynced from it; the data written before is there."""
+    raid = {"volume_replicas": replicas(target), "alias": "safevol", "replica_count": 2}
+    first = connector.connect_volume(raid)
+    assert md_uuid(first["path"]).startswith("6e766d65:6f666d70:")
+    written = write_some(first["path"])
+    connector.disconnect_volume(raid, first)
+    target.remove_namespace(NQB, 1)                       # replica B re-made: blank
+    target.add_namespace(NQB, 1, 64, U2)
+    target.unlink(1, NQN + "-a")                          # the data leg is away
+    with pytest.raises(ReplicaError, match="1 of 2 legs"):
+        connector.connect_volume(raid)
+    assert not os.path.exists("/dev/md/safevol") and controllers() == {}
+    target.link(1, NQN + "-a")
+    again = connector.connect_volume(raid)
+    assert again["path"] == "/dev/md/safevol"
+    assert wait_for(lambda: md_degraded(again["path"]) == 0, 60)
+    assert verify(again["path"], written) == []
+    connector.disconnect_volume(raid, again)
+
+
+def test_raid_safety_stale_leg_returns_after_writes(connector, target):
+    """A leg that missed writes comes back: re-added (bitmap resync), the newer data kept."""
+    raid = {"volume_replicas": replicas(target), "alias": "safevol2"}
+    result = connector.connect_volume(raid)
+    write_some(result["path"], 0.5)
+    target.unlink(2, NQB)
+    later = write_some(result["path"])                    # B misses these (failfast)
+    assert wait_for(lambda: md_degraded(result["path"]) == 1, 30)
+    target.link(2, NQB)
+    assert wait_for(lambda: set(controllers().values()) == {"live"}, 30)
+    connector.check_paths(raid)
+    assert wait_for(lambda: md_degraded(result["path"]) == 0, 60)
+    assert verify(result["path"], later) == []
+    connector.disconnect_volume(raid, result)
+
+
+def test_raid_safety_kumoscale_single_replica_is_the_namespace(connector, target):
+    target.add_subsystem(NQN + "-a")
+    target.add_namespace(NQN + "-a", 1, 64, U1)
+    target.add_port(1, 4420)
+    target.link(1, NQN + "-a")
+    info = {"vol_uuid": U1, "alias": "volume-" + U1, "replica_count": 1, "writable": True,
+            "volume_replicas": [{"vol_uuid": U1, "target_nqn": NQN + "-a",
+                                 "portals": [("127.0.0.1", "4420", "tcp")]}]}
+    result = connector.connect_volume(info)
+    assert result["path"].startswith("/dev/nvme")
+    assert not any(d.startswith("md") for d in os.listdir("/sys/block"))
+    assert connector.get_volume_paths(info) == [result["path"]]
+    assert verify(result["path"], write_some(result["path"], 0.3)) == []
+    connector.disconnect_volume(info, result)
+    assert controllers() == {}
+

@@ -392,3 +392,9 @@ def test_replica_count_above_the_listed_replicas_assembles_but_never_creates(two
     two.sim.superblocks.clear()                                 # a volume never attached
     with pytest.raises(ReplicaError, match="1 of 2 legs"):
         two.connector.connect_volume(only_a)
+
+
+def test_daemon_stop_tolerates_a_member_whose_namespace_is_gone(daemon):
+    """Detach with a dead leg: md still lists it, its controller is deleted already."""
+    _running(daemon, "vol1", members=("/dev/nvme0n1", "/dev/nvme5n1"))
+    assert storage.md_stop("vol1")["ok"]

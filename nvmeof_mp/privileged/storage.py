@@ -92,11 +92,19 @@ def not_ours(array, name):
             array, name, info.get("MD_NAME"), info.get("MD_UUID"))
     for key, value in sorted(info.items()):
         if key.startswith("MD_DEVICE_") and key.endswith("_DEV"):
+            if _gone_namespace(value):
+                continue        # a dead leg md still lists: its controller is deleted
             try:
                 host.fabrics_namespace(value)
             except PrivilegedArgumentError as e:
                 return "%s has a member that is not ours: %s" % (array, e)
     return None
+
+
+def _gone_namespace(device):
+    name = os.path.basename(device)
+    return (re.match(r"^nvme\d+n\d+$", name) is not None
+            and not os.path.lexists(os.path.join(host.SYS, "class/block", name)))
 
 
 def _refused(error):

@@ -2,7 +2,6 @@
 sequence of attach, heal and detach overwrites a leg holding the volume's data."""
 
 import os
-import subprocess
 import time
 
 import pytest
@@ -16,6 +15,16 @@ pytestmark = pytest.mark.usefixtures("no_leftovers")
 NQB = NQN + "-b"
 
 
+@pytest.fixture(scope="module")
+def connector():
+    """A finite ctrl_loss_tmo: the base's default -1 is refused by the daemon's option
+    string check ("starts with '-'"), a defect of its own, reported separately."""
+    from nvmeof_mp.connector import NVMeOFConnector
+    from nvmeof_mp.policy import TimeoutPolicy
+    return NVMeOFConnector(root_helper=os.environ["NVMEOF_MP_ROOT_HELPER"],
+                           use_multipath=True, policy=TimeoutPolicy(ctrl_loss_tmo=600))
+
+
 def write_some(device, seconds=1.0):
     w = Writer(device, blocks=64)
     w.start()
@@ -25,13 +34,14 @@ def write_some(device, seconds=1.0):
     return w.expected
 
 
-def md_uuid(path):
-    out = subprocess.run(["mdadm", "--detail", "--export", path], capture_output=True,
-                         text=True)
-    if out.returncode:
-        pytest.skip("mdadm --detail needs more than group disk here: %s" % out.stderr)
-    return dict(line.split("=", 1) for line in out.stdout.splitlines()
-                if "=" in line).get("MD_UUID", "")
+def superblock(leg):
+    """(array UUID bytes, name) of a leg's md 1.2 superblock, read as the lab user (mdadm
+    --examine wants root): it sits 4 KiB into the leg, set_uuid at 16, set_name at 32."""
+    with open(leg, "rb") as f:
+        f.seek(4096)
+        sb = f.read(64)
+    assert sb[:4] == b"\xfc\x4e\x2b\xa9", "no md superblock on %s" % leg
+    return sb[16:32], sb[32:64].rstrip(b"\0").decode()
 
 
 def test_raid_safety_data_leg_absent_with_a_blank_replacement(connector, target):
@@ -40,7 +50,8 @@ def test_raid_safety_data_leg_absent_with_a_blank_replacement(connector, target)
     added and resynced from it; the data written before is there."""
     raid = {"volume_replicas": replicas(target), "alias": "safevol", "replica_count": 2}
     first = connector.connect_volume(raid)
-    assert md_uuid(first["path"]).startswith("6e766d65:6f666d70:")
+    uuid, name = superblock(first["replicas"][0]["device"])
+    assert uuid[:8] == b"nvmeofmp" and name.rsplit(":", 1)[-1] == "safevol"   # the marker
     written = write_some(first["path"])
     connector.disconnect_volume(raid, first)
     target.remove_namespace(NQB, 1)                       # replica B re-made: blank
@@ -58,9 +69,14 @@ def test_raid_safety_data_leg_absent_with_a_blank_replacement(connector, target)
 
 
 def test_raid_safety_stale_leg_returns_after_writes(connector, target):
-    """A leg that missed writes comes back: re-added (bitmap resync), the newer data kept."""
-    raid = {"volume_replicas": replicas(target), "alias": "safevol2"}
+    """A leg that missed writes comes back: re-added (bitmap resync), the newer data kept.
+    The alias is longer than md allows (KumoScale's volume-<uuid>): a derived md name."""
+    from nvmeof_mp.raid import md_name
+    raid = {"volume_replicas": replicas(target), "alias": "volume-" + U1}
     result = connector.connect_volume(raid)
+    assert result["path"] == "/dev/md/" + md_name("volume-" + U1)
+    assert superblock(result["replicas"][1]["device"])[1].rsplit(":", 1)[-1] == \
+        md_name("volume-" + U1)
     write_some(result["path"], 0.5)
     target.unlink(2, NQB)
     later = write_some(result["path"])                    # B misses these (failfast)

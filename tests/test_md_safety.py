@@ -398,3 +398,13 @@ def test_daemon_stop_tolerates_a_member_whose_namespace_is_gone(daemon):
     """Detach with a dead leg: md still lists it, its controller is deleted already."""
     _running(daemon, "vol1", members=("/dev/nvme0n1", "/dev/nvme5n1"))
     assert storage.md_stop("vol1")["ok"]
+
+
+def test_an_array_made_before_the_marker_is_adopted_under_its_exact_name(two):
+    """os-brick and older releases: no marker, superblock name == alias: assembled."""
+    for nqn in (NQA, NQB):
+        two.sim.superblocks[(nqn, 1)] = {"name": "vol1", "events": 3,
+                                         "uuid": "11111111:22222222:33333333:44444444"}
+    result = two.connector.connect_volume(raid_info())
+    assert not result["degraded"] and two.sim.calls["md_create"] == 0
+    assert two.sim.md["vol1"]["uuid"] == "11111111:22222222:33333333:44444444"

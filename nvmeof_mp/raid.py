@@ -23,16 +23,19 @@ from nvmeof_mp.plan import find_namespace
 LOG = logging.getLogger(__name__)
 
 
-MD_NAME_MAX = 32        # bytes md keeps of an array name (superblock 1.2)
+# md's superblock name field is 32 bytes, but mdadm keeps 31 characters of a name in it (seen
+# on the real kernel: a 32-character --name comes back cut by one), and an array found by a
+# cut name would not be recognised as ours.
+MD_NAME_MAX = 31
 
 
 def md_name(alias):
-    """The md array name for a Cinder alias: the alias itself when md can hold it (so arrays
-    os-brick made under that alias are found again), else its first 23 characters, '-' and 8
-    hex digits of its SHA-256: stable across hosts and releases, at most 32 bytes."""
+    """The md array name for a Cinder alias: the alias itself when md keeps it whole (so
+    arrays os-brick made under that alias are found again), else its first 22 characters,
+    '-' and 8 hex digits of its SHA-256: stable across hosts and releases, 31 bytes."""
     if len(alias.encode()) <= MD_NAME_MAX:
         return alias
-    return alias[:23] + "-" + hashlib.sha256(alias.encode()).hexdigest()[:8]
+    return alias[:MD_NAME_MAX - 9] + "-" + hashlib.sha256(alias.encode()).hexdigest()[:8]
 
 
 def device_path(request):

@@ -101,12 +101,13 @@ def test_plan_single_replica_is_its_own_device_unless_it_carries_our_array():
     assert (p.action, p.members) == ("device", ["a"])
 
 
-def test_md_name_is_the_alias_or_a_stable_32_byte_derivation():
+def test_md_name_is_the_alias_or_a_stable_31_byte_derivation():
     assert raid.md_name("vol1") == "vol1"
-    assert raid.md_name("x" * 32) == "x" * 32
+    assert raid.md_name("x" * 31) == "x" * 31
+    assert len(raid.md_name("x" * 32)) == 31       # mdadm keeps 31 (the gate saw it)
     long = "volume-" + UUID
     name = raid.md_name(long)
-    assert len(name.encode()) == 32 and name.startswith("volume-" + UUID[:16] + "-")
+    assert len(name.encode()) == 31 and name.startswith("volume-" + UUID[:15] + "-")
     assert name == raid.md_name(long) != raid.md_name("volume-" + UUID2)
 
 
@@ -234,7 +235,7 @@ def test_a_long_multi_replica_alias_gets_a_stable_md_name(two):
     info = raid_info("volume-" + UUID)
     result = two.connector.connect_volume(info)
     name = raid.md_name("volume-" + UUID)
-    assert result["path"] == "/dev/md/" + name and len(name) == 32
+    assert result["path"] == "/dev/md/" + name and len(name) == 31
     assert two.connector.get_volume_paths(info) == ["/dev/md/" + name]
     two.connector.disconnect_volume(info)
     assert two.sim.md == {}

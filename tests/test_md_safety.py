@@ -409,3 +409,21 @@ def test_an_array_made_before_the_marker_is_adopted_under_its_exact_name(two):
     result = two.connector.connect_volume(raid_info())
     assert not result["degraded"] and two.sim.calls["md_create"] == 0
     assert two.sim.md["vol1"]["uuid"] == "11111111:22222222:33333333:44444444"
+
+
+def test_daemon_never_re_adds_a_leg_ahead_of_the_running_array(daemon):
+    """Split history (the gate saw md accept such a re-add): B's event count is above the
+    running members', so B holds writes the array lacks: left out, not resynced over."""
+    _running(daemon, "vol1", members=("/dev/nvme0n1",))
+    holders = os.path.join(host.SYS, "class/block/nvme0n1/holders")
+    os.makedirs(holders)
+    open(os.path.join(holders, "md127"), "w").close()
+    daemon.examine["/dev/nvme0n1"] = _sb_of("vol1", events=5)
+    daemon.examine["/dev/nvme1n1"] = _sb_of("vol1", events=9)
+    result = storage.md_assemble("vol1", ["/dev/nvme0n1", "/dev/nvme1n1"])
+    assert [leg for leg, _ in result["left_out"]] == ["/dev/nvme1n1"]
+    assert "ahead" in result["left_out"][0][1]
+    assert not [a for a in daemon.acted() if "--re-add" in a]
+    daemon.examine["/dev/nvme1n1"] = _sb_of("vol1", events=4)        # merely stale: re-added
+    assert storage.md_assemble("vol1", ["/dev/nvme0n1", "/dev/nvme1n1"])["left_out"] == []
+    assert daemon.acted()[-1][-2:] == ["--re-add", "/dev/nvme1n1"]

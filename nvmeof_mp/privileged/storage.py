@@ -194,8 +194,9 @@ def md_assemble(name, devices):
     The array may exist already: running (a heal re-adds legs), or half-assembled and
     inactive because udev's ``mdadm --incremental`` grabbed legs as they appeared (our
     assemble would fail with "busy").  An inactive one of this UUID is stopped and assembled
-    again from all legs at once (no needless resync); a running one must be ours.  A leg md
-    refuses to re-add (ahead of the array, or of an older generation) is left out, untouched,
+    again from all legs at once (no needless resync); a running one must be ours.  A leg whose
+    event count is above the running members' (it took writes the array lacks: md itself
+    re-adds such a leg, the gate saw it) or that md refuses to re-add is left out, untouched,
     and listed in ``left_out``.
     """
     md, devices = "/dev/md/" + alias(name), nvme_devices(devices)
@@ -233,8 +234,15 @@ def md_assemble(name, devices):
         return result
     _run(["mdadm", "--manage", array, "--remove", "failed"])
     left_out = []
+    held = [d for d in devices if _holder_md(d)]
+    top = max((_events(_examine(d)) for d in held), default=None)
     for d in devices:
-        if _holder_md(d):
+        if d in held:
+            continue
+        if top is not None and _events(infos[d]) > top:
+            left_out.append([d, "its event count %d is ahead of the running array's %d: it "
+                             "holds writes the array lacks (split history), not re-added"
+                             % (_events(infos[d]), top)])
             continue
         readd = _run(["mdadm", "--manage", array, "--re-add", d])
         if not readd["ok"]:
@@ -295,6 +303,13 @@ def md_grow(name):
     if why:
         return _refused(why)
     return _run(["mdadm", "--grow", md, "--size", "max"])
+
+
+def _events(info):
+    try:
+        return int((info or {}).get("MD_EVENTS", -1))
+    except ValueError:
+        return -1
 
 
 def _examine(device):

@@ -105,3 +105,33 @@ def test_raid_safety_kumoscale_single_replica_is_the_namespace(connector, target
     connector.disconnect_volume(info, result)
     assert controllers() == {}
 
+
+
+def test_raid_safety_leg_ahead_of_the_array_is_left_out(connector, target):
+    """Split history: B took writes while A was away, then A was assembled alone and took
+    others.  When B returns it is ahead of the running array: md refuses the re-add, the
+    leg is left out and reported, and nothing adds it over."""
+    raid = {"volume_replicas": replicas(target), "alias": "safevol3"}
+    first = connector.connect_volume(raid)
+    write_some(first["path"], 0.3)
+    target.unlink(1, NQN + "-a")                          # A away, B takes writes
+    write_some(first["path"])
+    assert wait_for(lambda: md_degraded(first["path"]) == 1, 30)
+    connector.disconnect_volume(raid, first, force=True)
+    target.link(1, NQN + "-a")
+    target.unlink(2, NQB)                                 # now only the stale A comes
+    alone = connector.connect_volume(raid)
+    assert alone["degraded"]
+    on_a = write_some(alone["path"])
+    target.link(2, NQB)
+    time.sleep(3)                         # would udev's incremental assembly grab B first?
+    held = {d: os.listdir("/sys/class/block/%s/holders" % d) for d in os.listdir("/sys/block")
+            if d.startswith("nvme") and os.path.isdir("/sys/class/block/%s/holders" % d)}
+    print("holders before the heal: %s" % held)
+    healed = connector.connect_volume(raid)               # B returns, ahead of the array
+    record_b = healed["replicas"][1]
+    assert healed["degraded"] and record_b["error"], healed
+    time.sleep(3)
+    assert md_degraded(healed["path"]) == 1               # B never resynced over
+    assert verify(healed["path"], on_a) == []
+    connector.disconnect_volume(raid, healed)

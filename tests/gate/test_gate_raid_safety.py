@@ -124,10 +124,6 @@ def test_raid_safety_leg_ahead_of_the_array_is_left_out(connector, target):
     assert alone["degraded"]
     on_a = write_some(alone["path"])
     target.link(2, NQB)
-    time.sleep(3)                         # would udev's incremental assembly grab B first?
-    held = {d: os.listdir("/sys/class/block/%s/holders" % d) for d in os.listdir("/sys/block")
-            if d.startswith("nvme") and os.path.isdir("/sys/class/block/%s/holders" % d)}
-    print("holders before the heal: %s" % held)
     healed = connector.connect_volume(raid)               # B returns, ahead of the array
     record_b = healed["replicas"][1]
     assert healed["degraded"] and record_b["error"], healed

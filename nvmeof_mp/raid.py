@@ -76,7 +76,7 @@ def plan(name, replica_count, legs):
     if replica_count == 1:
         if ours:
             return Plan("assemble", members=[ours[0][0]])
-        return Plan("device", members=[legs[0][0]], left_out=foreign)
+        return Plan("device", members=[legs[0][0]])     # what it holds is the volume
     if ours:
         uuids = sorted({e.get("MD_UUID") for _, e in ours})
         if len(uuids) > 1:

@@ -35,7 +35,9 @@ NQN_MAX_BYTES = 223
 # An IPv6 scope ID names a network interface (Linux: at most 15 bytes, no '/', ':' or
 # whitespace) or is its index; Python's ipaddress would take any text after '%'.
 _SCOPE_RE = re.compile(r"^(?:[A-Za-z0-9_.-]{1,15}|\d{1,10})$")
-_ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+# An md alias as Cinder drivers send it (KumoScale: "volume-<uuid>", 43 characters): md's
+# 32-byte name limit is handled by ``raid.md_name``, not refused here.
+_ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
 _SECRET_RE = re.compile(r"^DHHC-1:0[0-3]:[A-Za-z0-9+/=]+:$")
 _TRANSPORTS = {"tcp": "tcp", "rdma": "rdma", "rocev2": "rdma"}
 SECRET_KEYS = ("dhchap_secret", "dhchap_ctrl_secret")
@@ -146,13 +148,15 @@ def parse(info: Mapping[str, Any]) -> VolumeRequest:
             count = len(targets)
         elif not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise InvalidConnectionInfo("replica_count", "must be a positive integer")
-        elif count != len(targets):
+        elif count < len(targets):
+            # more (KumoScale: a replica whose backend is away is not listed) is allowed:
+            # the array is then assembled degraded, never created (see raid.plan)
             raise InvalidConnectionInfo(
                 "replica_count", "is %d but volume_replicas lists %d" % (count, len(targets)))
         alias = info.get("alias")
         if not isinstance(alias, str) or not _ALIAS_RE.match(alias):
             raise InvalidConnectionInfo(
-                "alias", "required for volume_replicas; 1-32 characters of [A-Za-z0-9_.-], "
+                "alias", "required for volume_replicas; 1-255 characters of [A-Za-z0-9_.-], "
                 "starting with a letter or digit")
         vol_uuid = _opt_uuid(info, "vol_uuid")
         return VolumeRequest(Mode.RAID, targets, vol_uuid=vol_uuid, alias=alias,

@@ -224,9 +224,7 @@ class NVMeOFConnector:
         request = connection.parse(connection_properties)
         if request.mode is Mode.RAID:
             from nvmeof_mp import raid
-            from nvmeof_mp.replicas import exists
-            path = raid.device_path(request)
-            return [path] if exists(self, path) else []
+            return raid.volume_paths(self, request)
         if request.mode is Mode.DEVICE_MAPPER:
             from nvmeof_mp import devmapper
             return devmapper.volume_paths(self, request)

@@ -93,7 +93,12 @@ class Kernel(abc.ABC):
 
     @abc.abstractmethod
     def md_assemble(self, name, devices) -> dict:
-        """Assemble or adopt /dev/md/<name> and (re-)add every leg in ``devices``."""
+        """Assemble or adopt /dev/md/<name> from ``devices`` (legs carrying its superblock)
+        and re-add those not in it; ``left_out``: [(leg, why)] md refused to re-add."""
+
+    @abc.abstractmethod
+    def md_add(self, name, device) -> dict:
+        """``--add`` a blank leg (no md superblock) to the running array."""
 
     @abc.abstractmethod
     def md_stop(self, name) -> dict: ...
@@ -213,6 +218,9 @@ class PrivilegedKernel(Kernel):
 
     def md_assemble(self, name, devices):
         return self._storage("md_assemble", name, list(devices))
+
+    def md_add(self, name, device):
+        return self._storage("md_add", name, device)
 
     def md_stop(self, name):
         return self._storage("md_stop", name)

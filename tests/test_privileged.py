@@ -156,12 +156,12 @@ def test_multipath_status_parsing():
     assert storage.parse_multipath_status(text) == {"259:0": "F", "259:1": "A"}
 
 
-def test_mdadm_create_fills_missing_legs_and_forces_one_disk():
+def test_mdadm_create_takes_every_leg_and_forces_one_disk():
     from nvmeof_mp.privileged import storage
-    argv = storage.mdadm_create_argv("vol1", ["/dev/nvme0n1"], 2)
-    assert argv[-2:] == ["/dev/nvme0n1", "missing"]
-    assert "--bitmap=internal" in argv and "--failfast" in argv
-    assert "--force" in storage.mdadm_create_argv("vol1", ["/dev/nvme0n1"], 1)
+    argv = storage.mdadm_create_argv("vol1", ["/dev/nvme0n1", "/dev/nvme1n1"], "u")
+    assert argv[-2:] == ["/dev/nvme0n1", "/dev/nvme1n1"] and "--raid-devices=2" in argv
+    assert "--bitmap=internal" in argv and "--failfast" in argv and "--uuid=u" in argv
+    assert "--force" in storage.mdadm_create_argv("vol1", ["/dev/nvme0n1"], "u")
     with pytest.raises(PrivilegedArgumentError):
         storage.alias("../../etc")
     with pytest.raises(PrivilegedArgumentError):

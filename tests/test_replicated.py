@@ -49,13 +49,13 @@ def test_raid_creates_array_over_both_legs(two):
     assert two.connector.get_volume_paths(raid_info()) == ["/dev/md/vol1"]
 
 
-def test_raid_with_one_leg_missing_is_degraded_but_attached(two):
+def test_raid_is_not_created_with_a_leg_missing(two):
+    """os-brick's rule: a new array needs every leg (the absent one may hold the data)."""
     two.sim.portal(NQB, 4421).mode = "refuse"
-    result = two.connector.connect_volume(raid_info())
-    assert result["degraded"] is True
-    assert [r["device"] is None for r in result["replicas"]] == [False, True]
-    assert list(two.sim.md["vol1"]["legs"]) == ["/dev/nvme0n1"]
-    assert two.sim.md["vol1"]["raid_devices"] == 2          # created with a "missing" slot
+    with pytest.raises(ReplicaError, match="1 of 2 legs found"):
+        two.connector.connect_volume(raid_info())
+    assert two.sim.md == {} and two.sim.controllers() == []
+    assert two.sim.calls["md_create"] == 0 and two.sim.superblocks == {}
 
 
 def test_raid_all_replicas_failing_is_an_error_with_nothing_left(two):
@@ -95,10 +95,12 @@ def test_raid_detach_with_degraded_array(two):
     assert two.sim.flushed == ["/dev/md/vol1"]
 
 
-def test_raid_replica_count_one_is_still_raid(two):
+def test_raid_replica_count_one_is_the_replicas_own_device(two):
+    """As os-brick: one replica without an md superblock needs no md."""
     info = {"volume_replicas": [replica(NQA, UUID, [4420])], "replica_count": 1, "alias": "v1"}
     result = two.connector.connect_volume(info)
-    assert result["path"] == "/dev/md/v1" and two.sim.md["v1"]["raid_devices"] == 1
+    assert result["path"] == "/dev/nvme0n1" and two.sim.md == {}
+    assert two.sim.calls["md_create"] == 0
 
 
 def test_raid_native_multipath_legs_connect_every_portal(two):

@@ -177,3 +177,52 @@ def _flush(path):
     finally:
         os.close(fd)
     return None
+
+
+SYS = "/sys"                       # the sysfs root (tests point it at a fake tree)
+FABRICS_TRANSPORTS = ("tcp", "rdma")     # what this library connects
+_NAMESPACE_RE = re.compile(r"^nvme\d{1,5}n\d{1,5}$")
+
+
+def _transport(ctrl_dir):
+    try:
+        with open(os.path.join(ctrl_dir, "transport")) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def namespace_controllers(name):
+    """{controller name: transport} of an nvmeXnY block device: its own controller, or with
+    native multipath every controller of the subsystem its head belongs to."""
+    block = os.path.realpath(os.path.join(SYS, "class/block", name))
+    parent = os.path.dirname(block)
+    pname = os.path.basename(parent)
+    if not os.path.isdir(block):
+        return {}
+    if pname.startswith("nvme-subsys"):
+        sdir = os.path.join(SYS, "class/nvme-subsystem", pname)
+        try:
+            entries = os.listdir(sdir)
+        except OSError:
+            return {}
+        return {c: _transport(os.path.join(sdir, c)) for c in sorted(entries)
+                if re.match(r"^nvme\d+$", c)}
+    return {pname: _transport(parent)} if re.match(r"^nvme\d+$", pname) else {}
+
+
+def fabrics_namespace(device):
+    """``/dev/nvmeXnY`` if the namespace is reached over fabrics only (every controller
+    behind it is tcp or rdma): never a local PCIe disk, whatever the sysfs path looks like
+    (with native multipath PCIe namespaces live under nvme-subsystem too)."""
+    if not isinstance(device, str):
+        raise PrivilegedArgumentError("not a namespace: %r" % (device,))
+    name = device[len("/dev/"):] if device.startswith("/dev/") else device
+    if not _NAMESPACE_RE.match(name):
+        raise PrivilegedArgumentError("not an NVMe namespace: %r" % (device,))
+    ctrls = namespace_controllers(name)
+    if not ctrls or any(t not in FABRICS_TRANSPORTS for t in ctrls.values()):
+        raise PrivilegedArgumentError(
+            "/dev/%s is not an NVMe-oF namespace (controllers: %s)" % (
+                name, ", ".join("%s=%s" % kv for kv in ctrls.items()) or "none"))
+    return "/dev/" + name

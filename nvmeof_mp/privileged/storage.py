@@ -14,7 +14,7 @@ import time
 
 from nvmeof_mp import privileged
 from nvmeof_mp.exception import PrivilegedArgumentError
-from nvmeof_mp.privileged.host import device_path
+from nvmeof_mp.privileged import host
 
 _ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _DM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
@@ -42,10 +42,73 @@ def devnum(value):
 
 
 def nvme_devices(devices):
-    out = [device_path(d) for d in devices]
-    if not out or not all(d.startswith("/dev/nvme") for d in out):
-        raise PrivilegedArgumentError("md legs must be /dev/nvme* namespaces")
-    return out
+    """md legs: NVMe-oF namespaces only (never a local PCIe disk), see
+    ``host.fabrics_namespace``."""
+    if not isinstance(devices, (list, tuple)) or not devices:
+        raise PrivilegedArgumentError("md legs must be a non-empty list")
+    return [host.fabrics_namespace(d) for d in devices]
+
+
+# Arrays this library creates carry this array-UUID prefix ("nvmeofmp" in hex), set with
+# ``mdadm --create --uuid``; stop, grow, assemble and add act only on arrays that carry it, or
+# on arrays made before it existed whose superblock name is exactly the requested name (see
+# ``ownership``).  Every member must be an NVMe-oF namespace either way.
+MD_UUID_PREFIX = "6e766d65:6f666d70:"
+DEV = "/dev"
+
+
+def new_md_uuid():
+    rand = os.urandom(8).hex()
+    return MD_UUID_PREFIX + rand[:8] + ":" + rand[8:]
+
+
+def _export(text):
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+def ownership(info, name):
+    """"marked" (made by this library), "legacy" (made before the marker: a RAID1 whose
+    superblock name is exactly ``name``, as os-brick and older releases named it) or None."""
+    if not info or info.get("MD_NAME", "").rsplit(":", 1)[-1] != name:
+        return None
+    if info.get("MD_LEVEL", "raid1") != "raid1":
+        return None
+    return "marked" if info.get("MD_UUID", "").lower().startswith(MD_UUID_PREFIX) else "legacy"
+
+
+def _detail(array):
+    result = _run(["mdadm", "--detail", "--export", array])
+    return _export(result["out"]) if result["ok"] else None
+
+
+def not_ours(array, name):
+    """Why the running ``array`` must not be touched under ``name``, or None when it is ours:
+    marked or legacy (``ownership``) and every member an NVMe-oF namespace."""
+    info = _detail(array)
+    if info is None:
+        return "cannot read the md superblock of %s" % array
+    if ownership(info, name) is None:
+        return "%s is not an array this library made for %s (name %s, uuid %s)" % (
+            array, name, info.get("MD_NAME"), info.get("MD_UUID"))
+    for key, value in sorted(info.items()):
+        if key.startswith("MD_DEVICE_") and key.endswith("_DEV"):
+            if _gone_namespace(value):
+                continue        # a dead leg md still lists: its controller is deleted
+            try:
+                host.fabrics_namespace(value)
+            except PrivilegedArgumentError as e:
+                return "%s has a member that is not ours: %s" % (array, e)
+    return None
+
+
+def _gone_namespace(device):
+    name = os.path.basename(device)
+    return (re.match(r"^nvme\d+n\d+$", name) is not None
+            and not os.path.lexists(os.path.join(host.SYS, "class/block", name)))
+
+
+def _refused(error):
+    return {"ok": False, "out": "", "error": error}
 
 
 def _run(argv, timeout=120):
@@ -59,45 +122,48 @@ def _run(argv, timeout=120):
             "error": "" if p.returncode == 0 else (p.stderr or p.stdout).strip()}
 
 
-def mdadm_create_argv(name, devices, raid_devices):
-    legs = list(devices) + ["missing"] * (raid_devices - len(devices))
+def mdadm_create_argv(name, devices, uuid):
+    """Every leg present (no ``missing`` slot: an absent leg may hold the data) and blank,
+    so ``--assume-clean`` is true: the legs hold nothing yet."""
     argv = ["mdadm", "--create", "/dev/md/" + name, "--run", "--name=" + name,
-            "--level=raid1", "--raid-devices=%d" % raid_devices, "--metadata=1.2",
-            "--bitmap=internal", "--homehost=any", "--failfast", "--assume-clean"]
-    if raid_devices == 1:
+            "--uuid=" + uuid, "--level=raid1", "--raid-devices=%d" % len(devices),
+            "--metadata=1.2", "--bitmap=internal", "--homehost=any", "--failfast",
+            "--assume-clean"]
+    if len(devices) == 1:
         argv.append("--force")          # mdadm refuses a one-disk RAID1 without it
-    return argv + legs
+    return argv + list(devices)
 
 
 @privileged.default.entrypoint
 def md_create(name, devices, raid_devices):
+    """Create /dev/md/<name> over every leg; refused unless each is blank (no md superblock:
+    a leg holding an array's data is never created over)."""
     name, devices = alias(name), nvme_devices(devices)
-    if not isinstance(raid_devices, int) or not len(devices) <= raid_devices <= 32:
-        raise PrivilegedArgumentError("raid_devices out of range")
-    return _run(mdadm_create_argv(name, devices, raid_devices))
+    if not isinstance(raid_devices, int) or raid_devices != len(devices) or raid_devices > 32:
+        raise PrivilegedArgumentError("md create needs every leg: raid_devices must be the "
+                                      "number of legs (at most 32)")
+    if len(set(devices)) != len(devices):
+        raise PrivilegedArgumentError("a leg is given twice")
+    marked = [d for d in devices if _examine(d)]
+    if marked:
+        return _refused("%s carr%s an md superblock: not created over" % (
+            ", ".join(marked), "ies" if len(marked) == 1 else "y"))
+    return _run(mdadm_create_argv(name, devices, new_md_uuid()))
 
 
 def _holder_md(device):
     """The md array (``/dev/mdN``) that holds a leg, if any (udev's incremental assembly)."""
-    holders = "/sys/class/block/%s/holders" % os.path.basename(device)
+    holders = os.path.join(host.SYS, "class/block", os.path.basename(device), "holders")
     try:
         return next(("/dev/" + h for h in os.listdir(holders) if h.startswith("md")), None)
     except OSError:
         return None
 
 
-def _add_leg(md, dev):
-    """Re-add a returning leg (bitmap resync), or add it when re-add is refused."""
-    result = _run(["mdadm", "--manage", md, "--re-add", dev])
-    if not result["ok"]:
-        result = _run(["mdadm", "--manage", md, "--add", dev])
-    return result
-
-
 def _find_array(md, devices):
     """The array for /dev/md/<name>: its link, mdadm's map (the link may not exist yet while
     udev works), or the md device holding one of the legs."""
-    if os.path.exists(md):
+    if os.path.exists(os.path.join(DEV, md[len("/dev/"):])):
         return md
     try:
         with open("/run/mdadm/map") as f:
@@ -112,8 +178,8 @@ def _find_array(md, devices):
 
 def _array_state(array):
     try:
-        name = os.path.basename(os.path.realpath(array))
-        with open("/sys/block/%s/md/array_state" % name) as f:
+        name = os.path.basename(os.path.realpath(os.path.join(DEV, array[len("/dev/"):])))
+        with open(os.path.join(host.SYS, "block", name, "md/array_state")) as f:
             return f.read().strip()
     except OSError:
         return None
@@ -121,24 +187,45 @@ def _array_state(array):
 
 @privileged.default.entrypoint
 def md_assemble(name, devices):
-    """Bring up /dev/md/<name> from legs that carry its superblock, and (re-)add every leg.
+    """Bring up /dev/md/<name> from legs that carry its superblock, and re-add those not in
+    it.  Every leg must carry the superblock of this one array (``ownership``: marked, or
+    legacy under exactly this name); a blank leg is added with ``md_add``, never here.
 
     The array may exist already: running (a heal re-adds legs), or half-assembled and
     inactive because udev's ``mdadm --incremental`` grabbed legs as they appeared (our
-    assemble would fail with "busy").  An inactive one is stopped and assembled again from
-    all legs at once (no needless resync); a running one gets its missing legs re-added.
+    assemble would fail with "busy").  An inactive one of this UUID is stopped and assembled
+    again from all legs at once (no needless resync); a running one must be ours.  A leg whose
+    event count is above the running members' (it took writes the array lacks: md itself
+    re-adds such a leg, the gate saw it) or that md refuses to re-add is left out, untouched,
+    and listed in ``left_out``.
     """
     md, devices = "/dev/md/" + alias(name), nvme_devices(devices)
-    result = {"ok": False, "out": "", "error": "no array"}
+    infos = {d: _examine(d) for d in devices}
+    strange = [d for d, info in infos.items() if ownership(info, name) is None]
+    if strange:
+        return _refused("%s: no superblock of array %s: not assembled" % (
+            ", ".join(strange), name))
+    uuids = {info.get("MD_UUID", "").lower() for info in infos.values()}
+    if len(uuids) != 1:
+        return _refused("the legs belong to different arrays named %s" % name)
+    uuid = uuids.pop()
+    result = _refused("no array")
     for attempt in range(6):
         array = _find_array(md, devices)
         if array and _array_state(array) == "inactive":
+            found = (_detail(array) or {}).get("MD_UUID", uuid).lower()
+            if found != uuid:
+                return _refused("%s (uuid %s) is not the array of these legs" % (array, found))
             _run(["mdadm", "--stop", array])
             continue
         if array:
+            why = not_ours(array, name)
+            if why is None and (_detail(array) or {}).get("MD_UUID", "").lower() != uuid:
+                why = "%s is not the array of these legs (uuid %s)" % (array, uuid)
+            if why:
+                return _refused(why)
             break
-        marked = [d for d in devices if _examine(d)]
-        result = _run(["mdadm", "--assemble", "--run", md] + marked)
+        result = _run(["mdadm", "--assemble", "--run", md, "--uuid=" + uuid] + devices)
         if result["ok"]:
             array = md
             break
@@ -146,17 +233,50 @@ def md_assemble(name, devices):
     else:
         return result
     _run(["mdadm", "--manage", array, "--remove", "failed"])
-    held = {d for d in devices if _holder_md(d)}
-    errors = [r["error"] for r in (_add_leg(array, d) for d in devices if d not in held)
-              if not r["ok"]]
+    left_out = []
+    held = [d for d in devices if _holder_md(d)]
+    top = max((_events(_examine(d)) for d in held), default=None)
+    for d in devices:
+        if d in held:
+            continue
+        if top is not None and _events(infos[d]) > top:
+            left_out.append([d, "its event count %d is ahead of the running array's %d: it "
+                             "holds writes the array lacks (split history), not re-added"
+                             % (_events(infos[d]), top)])
+            continue
+        readd = _run(["mdadm", "--manage", array, "--re-add", d])
+        if not readd["ok"]:
+            left_out.append([d, readd["error"]])
     active = _array_state(array) not in (None, "inactive")
-    return {"ok": active, "out": "", "error": "" if active else "; ".join(errors) or
-            "array %s is not active" % array}
+    return {"ok": active, "out": "", "left_out": left_out,
+            "error": "" if active else "array %s is not active" % array}
+
+
+@privileged.default.entrypoint
+def md_add(name, device):
+    """``--add`` a blank leg (no md superblock) to our running /dev/md/<name>."""
+    md, device = "/dev/md/" + alias(name), nvme_devices([device])[0]
+    array = _find_array(md, [])
+    if array is None:
+        return _refused("%s is not running" % md)
+    why = not_ours(array, name)
+    if why:
+        return _refused(why)
+    if _examine(device):
+        return _refused("%s carries an md superblock: never added over" % device)
+    return _run(["mdadm", "--manage", array, "--add", device])
 
 
 @privileged.default.entrypoint
 def md_stop(name):
-    return stop_array(alias(name))
+    """Stop our /dev/md/<name> (``not_ours`` refuses any other array)."""
+    name = alias(name)
+    array = _find_array("/dev/md/" + name, [])
+    if array is not None:
+        why = not_ours(array, name)
+        if why:
+            return _refused(why)
+    return stop_array(name)
 
 
 def stop_array(name, dev="/dev"):
@@ -178,14 +298,25 @@ def stop_array(name, dev="/dev"):
 
 @privileged.default.entrypoint
 def md_grow(name):
-    return _run(["mdadm", "--grow", "/dev/md/" + alias(name), "--size", "max"])
+    md = "/dev/md/" + alias(name)
+    why = not_ours(md, name)
+    if why:
+        return _refused(why)
+    return _run(["mdadm", "--grow", md, "--size", "max"])
+
+
+def _events(info):
+    try:
+        return int((info or {}).get("MD_EVENTS", -1))
+    except ValueError:
+        return -1
 
 
 def _examine(device):
     result = _run(["mdadm", "--examine", "--export", device])
     if not result["ok"]:
         return None
-    return dict(line.split("=", 1) for line in result["out"].splitlines() if "=" in line)
+    return _export(result["out"]) or None
 
 
 @privileged.default.entrypoint

@@ -132,7 +132,7 @@ class SimHost(SimStorage, Kernel):
         self.heads = {}               # (nqn, nsid) -> (head instance, name)
         self.flushed = []
         self.md = {}                  # alias -> {"legs": {dev: state}, "raid_devices", "size"}
-        self.superblocks = {}         # (nqn, nsid) -> md alias: lives on the target's data
+        self.superblocks = {}         # (nqn, nsid) -> {name, uuid, events}: on the target's data
         self.dm = {}                  # name -> {"size": sectors, "paths": {devnum: "A"|"F"}}
         self.minors = itertools.count()
         self.shown = {}               # uuid/nguid -> {nqn: number of controllers showing it}

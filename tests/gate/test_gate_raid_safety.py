@@ -1,0 +1,133 @@
+"""RAID1 data safety against the real kernel and mdadm (issue 13, items 3, 7 and 8): no
+sequence of attach, heal and detach overwrites a leg holding the volume's data."""
+
+import os
+import time
+
+import pytest
+
+from nvmeof_mp.exception import ReplicaError
+from nvmeof_mp.lab.workload import Writer, verify, wait_for
+
+from test_gate import NQN, U1, U2, controllers, md_degraded, replicas
+
+pytestmark = pytest.mark.usefixtures("no_leftovers")
+NQB = NQN + "-b"
+
+
+@pytest.fixture(scope="module")
+def connector():
+    """A finite ctrl_loss_tmo: the base's default -1 is refused by the daemon's option
+    string check ("starts with '-'"), a defect of its own, reported separately."""
+    from nvmeof_mp.connector import NVMeOFConnector
+    from nvmeof_mp.policy import TimeoutPolicy
+    return NVMeOFConnector(root_helper=os.environ["NVMEOF_MP_ROOT_HELPER"],
+                           use_multipath=True, policy=TimeoutPolicy(ctrl_loss_tmo=600))
+
+
+def write_some(device, seconds=1.0):
+    w = Writer(device, blocks=64)
+    w.start()
+    time.sleep(seconds)
+    w.stop()
+    assert not w.errors and w.ops > 0, w.errors[:5]
+    return w.expected
+
+
+def superblock(leg):
+    """(array UUID bytes, name) of a leg's md 1.2 superblock, read as the lab user (mdadm
+    --examine wants root): it sits 4 KiB into the leg, set_uuid at 16, set_name at 32."""
+    with open(leg, "rb") as f:
+        f.seek(4096)
+        sb = f.read(64)
+    assert sb[:4] == b"\xfc\x4e\x2b\xa9", "no md superblock on %s" % leg
+    return sb[16:32], sb[32:64].rstrip(b"\0").decode()
+
+
+def test_raid_safety_data_leg_absent_with_a_blank_replacement(connector, target):
+    """The leg holding the data is away and the other replica was re-made blank: refused
+    (never an empty array); when the data leg returns it is assembled and the blank leg
+    added and resynced from it; the data written before is there."""
+    raid = {"volume_replicas": replicas(target), "alias": "safevol", "replica_count": 2}
+    first = connector.connect_volume(raid)
+    uuid, name = superblock(first["replicas"][0]["device"])
+    assert uuid[:8] == b"nvmeofmp" and name.rsplit(":", 1)[-1] == "safevol"   # the marker
+    written = write_some(first["path"])
+    connector.disconnect_volume(raid, first)
+    target.remove_namespace(NQB, 1)                       # replica B re-made: blank
+    target.add_namespace(NQB, 1, 64, U2)
+    target.unlink(1, NQN + "-a")                          # the data leg is away
+    with pytest.raises(ReplicaError, match="1 of 2 legs"):
+        connector.connect_volume(raid)
+    assert not os.path.exists("/dev/md/safevol") and controllers() == {}
+    target.link(1, NQN + "-a")
+    again = connector.connect_volume(raid)
+    assert again["path"] == "/dev/md/safevol"
+    assert wait_for(lambda: md_degraded(again["path"]) == 0, 60)
+    assert verify(again["path"], written) == []
+    connector.disconnect_volume(raid, again)
+
+
+def test_raid_safety_stale_leg_returns_after_writes(connector, target):
+    """A leg that missed writes comes back: re-added (bitmap resync), the newer data kept.
+    The alias is longer than md allows (KumoScale's volume-<uuid>): a derived md name."""
+    from nvmeof_mp.raid import md_name
+    raid = {"volume_replicas": replicas(target), "alias": "volume-" + U1}
+    result = connector.connect_volume(raid)
+    assert result["path"] == "/dev/md/" + md_name("volume-" + U1)
+    assert superblock(result["replicas"][1]["device"])[1].rsplit(":", 1)[-1] == \
+        md_name("volume-" + U1)
+    write_some(result["path"], 0.5)
+    target.unlink(2, NQB)
+    later = write_some(result["path"])                    # B misses these (failfast)
+    assert wait_for(lambda: md_degraded(result["path"]) == 1, 30)
+    target.link(2, NQB)
+    assert wait_for(lambda: set(controllers().values()) == {"live"}, 30)
+    connector.check_paths(raid)
+    assert wait_for(lambda: md_degraded(result["path"]) == 0, 60)
+    assert verify(result["path"], later) == []
+    connector.disconnect_volume(raid, result)
+
+
+def test_raid_safety_kumoscale_single_replica_is_the_namespace(connector, target):
+    target.add_subsystem(NQN + "-a")
+    target.add_namespace(NQN + "-a", 1, 64, U1)
+    target.add_port(1, 4420)
+    target.link(1, NQN + "-a")
+    info = {"vol_uuid": U1, "alias": "volume-" + U1, "replica_count": 1, "writable": True,
+            "volume_replicas": [{"vol_uuid": U1, "target_nqn": NQN + "-a",
+                                 "portals": [("127.0.0.1", "4420", "tcp")]}]}
+    result = connector.connect_volume(info)
+    assert result["path"].startswith("/dev/nvme")
+    assert not any(d.startswith("md") for d in os.listdir("/sys/block"))
+    assert connector.get_volume_paths(info) == [result["path"]]
+    assert verify(result["path"], write_some(result["path"], 0.3)) == []
+    connector.disconnect_volume(info, result)
+    assert controllers() == {}
+
+
+
+def test_raid_safety_leg_ahead_of_the_array_is_left_out(connector, target):
+    """Split history: B took writes while A was away, then A was assembled alone and took
+    others.  When B returns it is ahead of the running array: md refuses the re-add, the
+    leg is left out and reported, and nothing adds it over."""
+    raid = {"volume_replicas": replicas(target), "alias": "safevol3"}
+    first = connector.connect_volume(raid)
+    write_some(first["path"], 0.3)
+    target.unlink(1, NQN + "-a")                          # A away, B takes writes
+    write_some(first["path"])
+    assert wait_for(lambda: md_degraded(first["path"]) == 1, 30)
+    connector.disconnect_volume(raid, first, force=True)
+    target.link(1, NQN + "-a")
+    target.unlink(2, NQB)                                 # now only the stale A comes
+    alone = connector.connect_volume(raid)
+    assert alone["degraded"]
+    on_a = write_some(alone["path"])
+    target.link(2, NQB)
+    healed = connector.connect_volume(raid)               # B returns, ahead of the array
+    record_b = healed["replicas"][1]
+    assert healed["degraded"] and record_b["error"], healed
+    time.sleep(3)
+    assert md_degraded(healed["path"]) == 1               # B never resynced over
+    assert verify(healed["path"], on_a) == []
+    connector.disconnect_volume(raid, healed)

@@ -9,7 +9,10 @@ import stat
 import pytest
 
 from nvmeof_mp.exception import PrivilegedArgumentError
-from nvmeof_mp.privileged import storage
+from nvmeof_mp.privileged import host, storage
+from nvmeof_mp.sim import SimHost, SimNamespace
+
+from simlab import NQN, UUID, UUID2
 
 OURS = "3c1b2a9e-77d4-4e0b-8f6a-0c9d2e4b5a11"
 LVM = "vg0-root"
@@ -32,7 +35,20 @@ exit 0
 
 
 @pytest.fixture
-def dmsetup(tmp_path, monkeypatch):
+def fabrics(tmp_path, monkeypatch):
+    """A host whose 259:0 and 259:1 are NVMe-oF namespaces (the daemon reads its sysfs)."""
+    sim = SimHost(str(tmp_path / "host"), native_multipath=False)
+    for i, (nqn, uuid) in enumerate(((NQN + "-a", UUID), (NQN + "-b", UUID2))):
+        sim.add_target(nqn, [("127.0.0.1", 4420 + i)], [SimNamespace(1, uuid)])
+        sim.connect({"nqn": nqn, "traddr": "127.0.0.1", "trsvcid": str(4420 + i),
+                     "transport": "tcp"})
+    sim.clock.sleep(5)
+    monkeypatch.setattr(host, "SYS", sim.sys)
+    return sim
+
+
+@pytest.fixture
+def dmsetup(tmp_path, monkeypatch, fabrics):
     bindir = tmp_path / "bin"
     bindir.mkdir()
     log = tmp_path / "dmsetup.log"
@@ -57,6 +73,17 @@ def dmsetup(tmp_path, monkeypatch):
 def test_a_map_that_is_not_ours_is_never_touched(dmsetup, act):
     with pytest.raises(PrivilegedArgumentError, match="not one of nvmeof_mp's"):
         act(LVM)
+    assert dmsetup() == []
+
+
+def test_a_map_is_built_over_nvme_of_namespaces_only(dmsetup, fabrics, tmp_path):
+    """A local disk (or a PCIe namespace, an LVM volume) never becomes a path of our map."""
+    disk = tmp_path / "host" / "sys" / "devices" / "pci0000:00" / "sda"
+    disk.mkdir(parents=True)
+    (tmp_path / "host" / "sys" / "dev" / "block" / "8:0").symlink_to(disk)
+    for paths in (["259:0", "8:0"], ["259:0", "259:77"]):
+        with pytest.raises(PrivilegedArgumentError, match="not an NVMe"):
+            storage.load_map(OURS, 131072, paths)
     assert dmsetup() == []
 
 

@@ -184,7 +184,8 @@ FABRICS_TRANSPORTS = ("tcp", "rdma")     # what this library connects
 _NAMESPACE_RE = re.compile(r"^nvme\d{1,5}n\d{1,5}$")
 
 
-def _transport(ctrl_dir):
+def controller_transport(ctrl_dir):
+    """A controller's transport (``tcp``, ``rdma``, ``pcie``...), None when it is gone."""
     try:
         with open(os.path.join(ctrl_dir, "transport")) as f:
             return f.read().strip()
@@ -206,9 +207,9 @@ def namespace_controllers(name):
             entries = os.listdir(sdir)
         except OSError:
             return {}
-        return {c: _transport(os.path.join(sdir, c)) for c in sorted(entries)
+        return {c: controller_transport(os.path.join(sdir, c)) for c in sorted(entries)
                 if re.match(r"^nvme\d+$", c)}
-    return {pname: _transport(parent)} if re.match(r"^nvme\d+$", pname) else {}
+    return {pname: controller_transport(parent)} if re.match(r"^nvme\d+$", pname) else {}
 
 
 def fabrics_namespace(device):
@@ -226,3 +227,12 @@ def fabrics_namespace(device):
             "/dev/%s is not an NVMe-oF namespace (controllers: %s)" % (
                 name, ", ".join("%s=%s" % kv for kv in ctrls.items()) or "none"))
     return "/dev/" + name
+
+
+def fabrics_devnum(devnum):
+    """``major:minor`` if it is a block device ``fabrics_namespace`` accepts (dm tables name
+    their paths by number)."""
+    if not isinstance(devnum, str) or not re.match(r"^\d{1,4}:\d{1,7}$", devnum):
+        raise PrivilegedArgumentError("not a major:minor: %r" % (devnum,))
+    fabrics_namespace(os.path.basename(os.path.realpath(os.path.join(SYS, "dev/block", devnum))))
+    return devnum

@@ -18,6 +18,7 @@ import subprocess
 
 from nvmeof_mp import connection
 from nvmeof_mp import privileged
+from nvmeof_mp.privileged import host
 from nvmeof_mp import threads
 from nvmeof_mp.exception import InvalidConnectionInfo, PrivilegedArgumentError
 
@@ -84,19 +85,12 @@ def controller_name(name):
     return name
 
 
-FABRICS_TRANSPORTS = ("tcp", "rdma")     # what this library connects
-
-
 def fabrics_controller(name):
     """``name`` if it is a controller over a fabrics transport we connect: never a local PCIe
     disk's controller (nor one that is gone)."""
     name = controller_name(name)
-    try:
-        with open(os.path.join(SYS_CLASS_NVME, name, "transport")) as f:
-            transport = f.read().strip()
-    except OSError:
-        transport = None
-    if transport not in FABRICS_TRANSPORTS:
+    transport = host.controller_transport(os.path.join(SYS_CLASS_NVME, name))
+    if transport not in host.FABRICS_TRANSPORTS:
         raise PrivilegedArgumentError("%s is not a fabrics controller (transport %s)"
                                       % (name, transport))
     return name

@@ -367,7 +367,8 @@ def load_map(name, size_sectors, devnums):
     name = dm_name(name)
     if not isinstance(size_sectors, int) or size_sectors <= 0 or not devnums:
         raise PrivilegedArgumentError("bad map geometry")
-    table = multipath_table(size_sectors, devnums)
+    # paths are NVMe-oF namespaces only: never a local disk, an LVM volume or another map
+    table = multipath_table(size_sectors, [host.fabrics_devnum(d) for d in devnums])
     if our_map(name):
         result = _run(["dmsetup", "reload", name, "--table", table])
         if result["ok"]:

@@ -501,6 +501,8 @@ class SimHost(SimStorage, Kernel):
             _write(os.path.join(d, attr), value)
         os.symlink(link, os.path.join(self.sys, "class/block", name))
         if dev_node:
+            os.makedirs(os.path.join(self.sys, "dev/block"), exist_ok=True)
+            os.symlink(d, os.path.join(self.sys, "dev/block", attrs["dev"]))
             node = os.path.join(self.root, "dev", name)
             _write(node, "")
             if self.udev_delay is None:

@@ -115,6 +115,9 @@ SCENARIOS = {f.__name__: f for f in (back_to_back, green_pair, killed_attach)}
 
 
 def main():
+    import faulthandler
+    # the caller kills a worker after WORKER_TIMEOUT (120 s): leave every thread's stack first
+    faulthandler.dump_traceback_later(100, exit=False)
     scenario, args = sys.argv[1], json.loads(sys.argv[2])
     result = SCENARIOS[scenario](args)
     print("RESULT " + json.dumps(result), flush=True)

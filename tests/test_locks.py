@@ -211,3 +211,42 @@ def test_a_lock_directory_another_user_could_tamper_with_is_refused(tmp_path):
         with pytest.raises(LockDirectoryError, match="owned by uid 4242"):
             with locks.named_lock("md-vol", str(theirs)):
                 pass
+
+
+GREEN_FORK_SCRIPT = r"""
+import eventlet
+eventlet.monkey_patch()
+import os, sys, time
+from nvmeof_mp.connector import NVMeOFConnector
+log = sys.argv[1]
+
+def busy():                       # another volume's attach, polling in green sleeps
+    for _ in range(40):
+        with open(log, "a") as f:
+            f.write("%d\n" % os.getpid())
+        time.sleep(0.02)
+
+conn = NVMeOFConnector(root_helper=None)
+pool = eventlet.GreenPool()
+pool.spawn(busy)
+eventlet.sleep(0.05)
+pool.spawn(conn.kernel.read_first_sector, "/dev/nvme0n1")    # the first privileged call
+pool.waitall()
+time.sleep(0.5)
+print(os.getpid())
+"""
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="a root process without a root helper")
+def test_the_daemon_of_a_green_root_process_runs_none_of_its_greenthreads(tmp_path):
+    """Under eventlet a forked child keeps every greenthread: the daemon would go on running
+    the caller's attaches.  A root process under eventlet starts its daemon fresh instead."""
+    import subprocess
+    import sys
+    pytest.importorskip("eventlet")
+    log = tmp_path / "pids"
+    out = subprocess.run([sys.executable, "-c", GREEN_FORK_SCRIPT, str(log)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    caller = out.stdout.split()[-1]
+    assert set(log.read_text().split()) == {caller}

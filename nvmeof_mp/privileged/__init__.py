@@ -59,8 +59,9 @@ def init(root_helper=None):
 
 
 def ensure_started():
-    """Start the daemon by forking when we are root and no root helper was given; also
-    after the forked daemon died (oslo.privsep would restart it through the root helper)."""
+    """Start the daemon ourselves when we are root and no root helper was given (by forking,
+    or under eventlet as a new interpreter, see ``_start_fresh``); also after that daemon
+    died (oslo.privsep would restart it through the root helper)."""
     if not _fork_when_root:
         return
     channel = default.channel
@@ -70,7 +71,33 @@ def ensure_started():
         if default.channel is not None and not default.channel.running:
             default.stop()          # the daemon died: its calls failed with an OSError
         if default.channel is None:
-            default.start(priv_context.Method.FORK)
+            if _green():
+                _start_fresh()
+            else:
+                default.start(priv_context.Method.FORK)
+
+
+def _green():
+    """Is this process monkey-patched by eventlet (nova-compute, cinder-volume)?"""
+    import sys
+    eventlet = sys.modules.get("eventlet")
+    return bool(eventlet) and eventlet.patcher.is_monkey_patched("thread")
+
+
+def _start_fresh():
+    """Start the daemon as a new interpreter (``privsep-helper`` run directly: we are root).
+
+    Not a fork: under eventlet a forked child keeps every greenthread of the caller, and the
+    daemon would go on running the caller's attaches as soon as it waits for a request.
+    """
+    import os
+    import shlex
+    import shutil
+    import sys
+    beside = os.path.join(os.path.dirname(sys.executable), "privsep-helper")   # our install
+    helper = beside if os.access(beside, os.X_OK) else shutil.which("privsep-helper")
+    cfg.CONF.set_override("helper_command", shlex.quote(helper), group="nvmeof_mp_privileged")
+    default.start(priv_context.Method.ROOTWRAP)
 
 
 # Import every entrypoint module with the context, so the daemon loads them while it starts

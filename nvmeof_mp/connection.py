@@ -154,7 +154,7 @@ def parse(info: Mapping[str, Any]) -> VolumeRequest:
             raise InvalidConnectionInfo(
                 "replica_count", "is %d but volume_replicas lists %d" % (count, len(targets)))
         alias = info.get("alias")
-        if not isinstance(alias, str) or not _ALIAS_RE.match(alias):
+        if not isinstance(alias, str) or not _ALIAS_RE.fullmatch(alias):
             raise InvalidConnectionInfo(
                 "alias", "required for volume_replicas; 1-255 characters of [A-Za-z0-9_.-], "
                 "starting with a letter or digit")
@@ -240,7 +240,7 @@ def _target(info, prefix, inherited=None):
 
 def valid_secret(value):
     """Is ``value`` a DH-HMAC-CHAP secret in its transport form (DHHC-1:0N:<base64>:)?"""
-    return isinstance(value, str) and bool(_SECRET_RE.match(value))
+    return isinstance(value, str) and bool(_SECRET_RE.fullmatch(value))
 
 
 def validate_nqn(value, key):
@@ -289,7 +289,7 @@ def validate_portal(item, key):
     if not isinstance(traddr, str) or not traddr:
         raise InvalidConnectionInfo(key, "traddr must be a non-empty string")
     address, percent, scope = traddr.strip("[]").partition("%")
-    if percent and not _SCOPE_RE.match(scope):
+    if percent and not _SCOPE_RE.fullmatch(scope):
         raise InvalidConnectionInfo(key, "traddr %r: the IPv6 scope ID must be an interface "
                                     "name or index" % traddr)
     try:

@@ -99,7 +99,7 @@ def read_system_uuid():
 
 
 def device_path(path):
-    if not isinstance(path, str) or not _DEVICE_RE.match(path) or ".." in path:
+    if not isinstance(path, str) or not _DEVICE_RE.fullmatch(path) or ".." in path:
         raise PrivilegedArgumentError("not a device this library manages: %r" % (path,))
     return path
 
@@ -122,8 +122,8 @@ def read_first_sector(path):
     """Can root read the device?  (``check_valid_device(run_as_root=True)``: Cinder's service
     user may not open it.)  None, or the reason it cannot; bounded in time."""
     from nvmeof_mp import blockdev
-    if not isinstance(path, str):
-        raise PrivilegedArgumentError("not a device path")
+    if not isinstance(path, str) or not path.startswith("/dev/") or "\x00" in path:
+        raise PrivilegedArgumentError("not a device path: %r" % (path,))
     return blockdev.read_first_sector(device_path(os.path.realpath(path)))
 
 
@@ -208,8 +208,8 @@ def namespace_controllers(name):
         except OSError:
             return {}
         return {c: controller_transport(os.path.join(sdir, c)) for c in sorted(entries)
-                if re.match(r"^nvme\d+$", c)}
-    return {pname: controller_transport(parent)} if re.match(r"^nvme\d+$", pname) else {}
+                if re.fullmatch(r"nvme\d+", c)}
+    return {pname: controller_transport(parent)} if re.fullmatch(r"nvme\d+", pname) else {}
 
 
 def fabrics_namespace(device):
@@ -219,7 +219,7 @@ def fabrics_namespace(device):
     if not isinstance(device, str):
         raise PrivilegedArgumentError("not a namespace: %r" % (device,))
     name = device[len("/dev/"):] if device.startswith("/dev/") else device
-    if not _NAMESPACE_RE.match(name):
+    if not _NAMESPACE_RE.fullmatch(name):
         raise PrivilegedArgumentError("not an NVMe namespace: %r" % (device,))
     ctrls = namespace_controllers(name)
     if not ctrls or any(t not in FABRICS_TRANSPORTS for t in ctrls.values()):
@@ -232,7 +232,7 @@ def fabrics_namespace(device):
 def fabrics_devnum(devnum):
     """``major:minor`` if it is a block device ``fabrics_namespace`` accepts (dm tables name
     their paths by number)."""
-    if not isinstance(devnum, str) or not re.match(r"^\d{1,4}:\d{1,7}$", devnum):
+    if not isinstance(devnum, str) or not re.fullmatch(r"\d{1,4}:\d{1,7}", devnum):
         raise PrivilegedArgumentError("not a major:minor: %r" % (devnum,))
     fabrics_namespace(os.path.basename(os.path.realpath(os.path.join(SYS, "dev/block", devnum))))
     return devnum

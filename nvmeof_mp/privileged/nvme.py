@@ -56,11 +56,11 @@ def connect_options(opts):
     except InvalidConnectionInfo as e:
         raise PrivilegedArgumentError(str(e))
     scope = portal.traddr.partition("%")[2]
-    if scope and not scope.isdigit() and not os.path.isdir(os.path.join(SYS_CLASS_NET, scope)):
+    if scope and not scope.isdigit() and scope not in _interfaces():
         raise PrivilegedArgumentError("IPv6 scope ID %r is not an interface of this host"
                                       % scope)
     host_id = opts.get("host_id")
-    if host_id is not None and not _HOSTID_RE.match(str(host_id)):
+    if host_id is not None and not _HOSTID_RE.fullmatch(str(host_id)):
         raise PrivilegedArgumentError("host_id is not a UUID")
     out = {"nqn": nqn, "traddr": portal.traddr, "trsvcid": portal.trsvcid,
            "transport": portal.transport, "host_nqn": host_nqn, "host_id": host_id}
@@ -79,8 +79,15 @@ def connect_options(opts):
     return out
 
 
+def _interfaces():
+    try:
+        return set(os.listdir(SYS_CLASS_NET))
+    except OSError:
+        return set()
+
+
 def controller_name(name):
-    if not isinstance(name, str) or not _CTRL_RE.match(name):
+    if not isinstance(name, str) or not _CTRL_RE.fullmatch(name):
         raise PrivilegedArgumentError("not a controller name: %r" % (name,))
     return name
 
@@ -285,7 +292,7 @@ IDENTIFY_TIMEOUT_MS = 5000             # a target that does not answer costs at 
 
 
 def namespace_device(path):
-    if not isinstance(path, str) or not _NS_DEVICE_RE.match(path):
+    if not isinstance(path, str) or not _NS_DEVICE_RE.fullmatch(path):
         raise PrivilegedArgumentError("not an NVMe namespace device: %r" % (path,))
     return path
 

@@ -24,19 +24,19 @@ DM_MESSAGES = ("reinstate_path", "fail_path", "fail_if_no_path", "queue_if_no_pa
 
 
 def alias(value):
-    if not isinstance(value, str) or not _ALIAS_RE.match(value):
+    if not isinstance(value, str) or not _ALIAS_RE.fullmatch(value):
         raise PrivilegedArgumentError("not a safe md alias: %r" % (value,))
     return value
 
 
 def dm_name(value):
-    if not isinstance(value, str) or not _DM_NAME_RE.match(value):
+    if not isinstance(value, str) or not _DM_NAME_RE.fullmatch(value):
         raise PrivilegedArgumentError("not a safe dm name: %r" % (value,))
     return value
 
 
 def devnum(value):
-    if not isinstance(value, str) or not _DEVNUM_RE.match(value):
+    if not isinstance(value, str) or not _DEVNUM_RE.fullmatch(value):
         raise PrivilegedArgumentError("not a major:minor: %r" % (value,))
     return value
 
@@ -103,7 +103,7 @@ def not_ours(array, name):
 
 def _gone_namespace(device):
     name = os.path.basename(device)
-    return (re.match(r"^nvme\d+n\d+$", name) is not None
+    return (re.fullmatch(r"nvme\d+n\d+", name) is not None
             and not os.path.lexists(os.path.join(host.SYS, "class/block", name)))
 
 
@@ -419,7 +419,7 @@ def map_status(name):
 def parse_multipath_status(text):
     tokens = text.split()
     return {tokens[i]: tokens[i + 1] for i in range(len(tokens) - 1)
-            if _DEVNUM_RE.match(tokens[i]) and tokens[i + 1] in ("A", "F")}
+            if _DEVNUM_RE.fullmatch(tokens[i]) and tokens[i + 1] in ("A", "F")}
 
 
 @privileged.default.entrypoint

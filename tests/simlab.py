@@ -39,3 +39,15 @@ class Lab:
         import os
         with open(os.path.join(self.root, "sys", *parts)) as f:
             return f.read().strip()
+
+
+def fabrics_host(root, native=False):
+    """A simulated host with two connected NVMe-oF namespaces (nvme0n1 259:0, nvme1n1 259:1)
+    for the daemon's own checks, which read sysfs."""
+    sim = SimHost(root, native_multipath=native)
+    for i, (nqn, uuid) in enumerate(((NQN + "-a", UUID), (NQN + "-b", UUID2))):
+        sim.add_target(nqn, [("127.0.0.1", 4420 + i)], [SimNamespace(1, uuid)])
+        sim.connect({"nqn": nqn, "traddr": "127.0.0.1", "trsvcid": str(4420 + i),
+                     "transport": "tcp"})
+    sim.clock.sleep(5)
+    return sim

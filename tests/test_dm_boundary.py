@@ -10,9 +10,8 @@ import pytest
 
 from nvmeof_mp.exception import PrivilegedArgumentError
 from nvmeof_mp.privileged import host, storage
-from nvmeof_mp.sim import SimHost, SimNamespace
 
-from simlab import NQN, UUID, UUID2
+from simlab import fabrics_host
 
 OURS = "3c1b2a9e-77d4-4e0b-8f6a-0c9d2e4b5a11"
 LVM = "vg0-root"
@@ -37,12 +36,7 @@ exit 0
 @pytest.fixture
 def fabrics(tmp_path, monkeypatch):
     """A host whose 259:0 and 259:1 are NVMe-oF namespaces (the daemon reads its sysfs)."""
-    sim = SimHost(str(tmp_path / "host"), native_multipath=False)
-    for i, (nqn, uuid) in enumerate(((NQN + "-a", UUID), (NQN + "-b", UUID2))):
-        sim.add_target(nqn, [("127.0.0.1", 4420 + i)], [SimNamespace(1, uuid)])
-        sim.connect({"nqn": nqn, "traddr": "127.0.0.1", "trsvcid": str(4420 + i),
-                     "transport": "tcp"})
-    sim.clock.sleep(5)
+    sim = fabrics_host(str(tmp_path / "host"))
     monkeypatch.setattr(host, "SYS", sim.sys)
     return sim
 

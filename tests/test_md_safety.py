@@ -9,7 +9,7 @@ from nvmeof_mp.exception import PrivilegedArgumentError
 from nvmeof_mp.privileged import host
 from nvmeof_mp.sim import SimHost, SimNamespace
 
-from simlab import NQN, UUID
+from simlab import NQN, UUID, fabrics_host
 
 
 def _pcie(sys, native):
@@ -272,12 +272,7 @@ class FakeMdadm:
 @pytest.fixture
 def daemon(tmp_path, monkeypatch):
     """Two fabrics namespaces (nvme0n1, nvme1n1) and a PCIe disk nvme9n1, mdadm faked."""
-    sim = SimHost(str(tmp_path / "host"), native_multipath=False)
-    for i, (nqn, uuid) in enumerate(((NQN + "-a", UUID), (NQN + "-b", UUID2))):
-        sim.add_target(nqn, [("127.0.0.1", 4420 + i)], [SimNamespace(1, uuid)])
-        sim.connect({"nqn": nqn, "traddr": "127.0.0.1", "trsvcid": str(4420 + i),
-                     "transport": "tcp"})
-    sim.clock.sleep(5)
+    sim = fabrics_host(str(tmp_path / "host"))
     _pcie(sim.sys, False)
     monkeypatch.setattr(host, "SYS", sim.sys)
     monkeypatch.setattr(storage, "DEV", os.path.join(sim.root, "dev"))

@@ -16,6 +16,7 @@ from nvmeof_mp.exception import DetachAborted, NVMeOFError, ReplicaError
 from nvmeof_mp.waiting import poll
 
 LOG = logging.getLogger(__name__)
+REMOVE_RETRY = 5.0      # seconds a forced detach keeps trying to stop the array / remove the map
 
 
 def attach_all(connector, request):
@@ -101,6 +102,7 @@ def teardown(connector, request, path, remove, force, dead=None, unqueue=None):
     past every failure.  Returns the list of error texts.
     """
     errors, retry = [], False
+    device = os.path.realpath(os.path.join(connector.root, path.lstrip("/")))   # md127, dm-3
     if exists(connector, path):
         if force and unqueue is not None:
             unqueue()
@@ -124,11 +126,17 @@ def teardown(connector, request, path, remove, force, dead=None, unqueue=None):
             retry = True            # forced: once more when the legs are gone (nothing left)
     for target in request.targets:
         errors += connector.attacher.detach(target, flush=False, force=force)
-    if retry and exists(connector, path):
-        again = remove()
-        if not again["ok"]:
-            errors.append(again["error"])
-            LOG.warning("%s is left behind: %s", path, again["error"])
+    if retry and (exists(connector, path) or os.path.exists(device)):
+        # the legs are gone now, so whatever held the array (a flush stuck on them) lets go
+        # within moments; udev may have dropped the link meanwhile, the device stays
+        last = {}
+
+        def removed():
+            last.update(remove())
+            return last["ok"] or not os.path.exists(device)
+        if not poll(removed, REMOVE_RETRY, connector.clock):
+            errors.append(last["error"])
+            LOG.warning("%s is left behind: %s", path, last["error"])
     return errors
 
 

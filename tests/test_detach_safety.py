@@ -36,6 +36,23 @@ def test_md_stop_keeps_the_link_when_the_stop_failed_or_it_still_resolves(tmp_pa
     assert os.path.islink(md / "vol1")
 
 
+def test_md_stop_stops_the_array_device_when_its_link_is_gone(tmp_path, monkeypatch):
+    """Seen on the real kernel: after every leg died udev dropped /dev/md/<alias>; stopping
+    by the link failed ("error opening"), md127 stayed.  The node found in mdadm's map is
+    stopped instead."""
+    calls = []
+    monkeypatch.setattr(storage, "_run", lambda argv: calls.append(argv) or
+                        {"ok": True, "out": "", "error": ""})
+    monkeypatch.setattr(storage, "_find_array", lambda md, devices: "/dev/md127")
+    monkeypatch.setattr(storage, "not_ours", lambda array, name: None)
+    assert body_of(storage.md_stop)("vol1")["ok"]
+    assert calls == [["mdadm", "--stop", "/dev/md127"]]
+
+
+def body_of(entrypoint):
+    return entrypoint.args[0]
+
+
 # -- bounded detach: the flush never waits for a path that cannot answer ----------------------
 
 import threading  # noqa: E402

@@ -276,16 +276,29 @@ def md_stop(name):
         why = not_ours(array, name)
         if why:
             return _refused(why)
-    return stop_array(name)
+        array = _md_node(array)
+    return stop_array(name, device=array)
 
 
-def stop_array(name, dev="/dev"):
-    """Stop /dev/md/<name>; then remove the alias link if it dangles.
+def _md_node(array):
+    """``/dev/mdN`` behind an array path (the alias link resolved), or None."""
+    real = os.path.realpath(os.path.join(DEV, array[len("/dev/"):]))
+    node = "/dev/" + os.path.relpath(real, DEV)
+    return node if re.fullmatch(r"/dev/md\d{1,5}", node) else None
+
+
+def stop_array(name, dev="/dev", device=None):
+    """Stop the array (its md device node when known: udev may drop the /dev/md/<name> link
+    of an array that lost its legs, the array stays), then remove the alias link if it
+    dangles.
 
     udev removes the link when the array goes; without udev (containers, minimal hosts) it
     would stay behind pointing at nothing.  Only a symlink whose target is gone is removed.
     """
-    result = _run(["mdadm", "--stop", "/dev/md/" + alias(name)])
+    name = alias(name)
+    if device is not None and not re.fullmatch(r"/dev/md\d{1,5}", device):
+        raise PrivilegedArgumentError("not an md device: %r" % (device,))
+    result = _run(["mdadm", "--stop", device or "/dev/md/" + name])
     if result["ok"]:
         link = os.path.join(dev, "md", name)
         try:

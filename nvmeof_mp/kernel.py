@@ -101,7 +101,8 @@ class Kernel(abc.ABC):
         """``--add`` a blank leg (no md superblock) to the running array."""
 
     @abc.abstractmethod
-    def md_stop(self, name) -> dict: ...
+    def md_stop(self, name, node=None) -> dict:
+        """Stop /dev/md/<name>; ``node`` (``/dev/mdN``) when its link may be gone."""
 
     @abc.abstractmethod
     def md_grow(self, name) -> dict: ...
@@ -222,8 +223,8 @@ class PrivilegedKernel(Kernel):
     def md_add(self, name, device):
         return self._storage("md_add", name, device)
 
-    def md_stop(self, name):
-        return self._storage("md_stop", name)
+    def md_stop(self, name, node=None):
+        return self._storage("md_stop", name, node)
 
     def md_grow(self, name):
         return self._storage("md_grow", name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 
 from oslo_log import log as logging
 
@@ -175,10 +176,14 @@ def disconnect(connector, request, force=False):
     if _plain(connector, request):
         return connector.attacher.detach(request.target, force=force)
     name = md_name(request.alias)
+    # the md node, learned while /dev/md/<name> exists: udev may drop the link of an array
+    # whose legs all died, and a forced detach must still stop it
+    link = os.path.join(connector.root, device_path(request).lstrip("/"))
+    node = "/dev/" + os.path.basename(os.path.realpath(link)) if os.path.exists(link) else None
 
     def stop():
         replicas.udev_idle(connector)
-        return connector.kernel.md_stop(name)
+        return connector.kernel.md_stop(name, node)
     return replicas.teardown(connector, request, device_path(request), stop, force)
 
 

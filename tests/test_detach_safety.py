@@ -3,6 +3,8 @@ and 13) - on the simulated host, plus the privileged pieces that need no daemon.
 
 import os
 
+import pytest
+
 from nvmeof_mp.privileged import storage
 
 
@@ -47,6 +49,27 @@ def test_md_stop_stops_the_array_device_when_its_link_is_gone(tmp_path, monkeypa
     monkeypatch.setattr(storage, "not_ours", lambda array, name: None)
     assert body_of(storage.md_stop)("vol1")["ok"]
     assert calls == [["mdadm", "--stop", "/dev/md127"]]
+
+
+def test_md_stop_stops_an_emptied_array_whose_link_is_gone(tmp_path, monkeypatch):
+    """Every leg died and was deleted, udev dropped /dev/md/<alias>: the caller names the node
+    it saw; an array holding no device is stopped (no data to lose), one that still holds
+    devices only when it is ours."""
+    calls = []
+    monkeypatch.setattr(storage, "_run", lambda argv: calls.append(argv) or
+                        {"ok": True, "out": "", "error": ""})
+    monkeypatch.setattr(storage, "_find_array", lambda md, devices: None)
+    monkeypatch.setattr(storage, "SYS_BLOCK", str(tmp_path))
+    (tmp_path / "md127" / "slaves").mkdir(parents=True)
+    assert body_of(storage.md_stop)("vol1", "/dev/md127")["ok"]
+    assert calls == [["mdadm", "--stop", "/dev/md127"]]
+    (tmp_path / "md127" / "slaves" / "nvme0n1").mkdir()       # still holds a device
+    monkeypatch.setattr(storage, "not_ours", lambda array, name: "not ours")
+    assert not body_of(storage.md_stop)("vol1", "/dev/md127")["ok"]
+    assert len(calls) == 1
+    from nvmeof_mp.exception import PrivilegedArgumentError
+    with pytest.raises(PrivilegedArgumentError):
+        body_of(storage.md_stop)("vol1", "/dev/sda")
 
 
 def body_of(entrypoint):
@@ -341,7 +364,7 @@ def _raid_with_udev_queue(make_lab):
         pass                    # udev still has events (a leg's resize) to process
     stopped = []
     real = lab.sim.md_stop
-    lab.sim.md_stop = lambda name: stopped.append(lab.sim.clock.now) or real(name)
+    lab.sim.md_stop = lambda name, node=None: stopped.append(lab.sim.clock.now) or real(name)
     return lab, queue, stopped
 
 

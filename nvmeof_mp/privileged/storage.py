@@ -54,6 +54,7 @@ def nvme_devices(devices):
 # on arrays made before it existed whose superblock name is exactly the requested name (see
 # ``ownership``).  Every member must be an NVMe-oF namespace either way.
 MD_UUID_PREFIX = "6e766d65:6f666d70:"
+SYS_BLOCK = "/sys/block"
 DEV = "/dev"
 
 
@@ -268,16 +269,32 @@ def md_add(name, device):
 
 
 @privileged.default.entrypoint
-def md_stop(name):
-    """Stop our /dev/md/<name> (``not_ours`` refuses any other array)."""
+def md_stop(name, node=None):
+    """Stop our /dev/md/<name> (``not_ours`` refuses any other array).  ``node`` is the
+    ``/dev/mdN`` the caller saw behind the link: udev drops the link of an array whose legs
+    all died.  An array with no member left holds no data and is stopped whoever made it."""
     name = alias(name)
-    array = _find_array("/dev/md/" + name, [])
-    if array is not None:
+    if node is not None and not (isinstance(node, str)
+                                 and re.fullmatch(r"/dev/md\d{1,5}", node)):
+        raise PrivilegedArgumentError("not an md device: %r" % (node,))
+    array = _find_array("/dev/md/" + name, []) or node
+    if array is None:
+        return stop_array(name)
+    device = _md_node(array)
+    if device is None or not _empty(device):
         why = not_ours(array, name)
         if why:
             return _refused(why)
-        array = _md_node(array)
-    return stop_array(name, device=array)
+    return stop_array(name, device=device)
+
+
+def _empty(node):
+    """Does the md array hold no device any more (sysfs ``slaves`` readable and empty)?
+    Anything unclear counts as not empty: the ownership check then decides."""
+    try:
+        return not os.listdir(os.path.join(SYS_BLOCK, os.path.basename(node), "slaves"))
+    except OSError:
+        return False
 
 
 def _md_node(array):

@@ -139,7 +139,7 @@ class SimStorage:
         with self.lock:
             self.md[name]["legs"][device] = "faulty"
 
-    def md_stop(self, name):
+    def md_stop(self, name, node=None):
         self._count("md_stop")
         with self.lock:
             md = self.md.pop(name, None)

@@ -80,7 +80,6 @@ def body_of(entrypoint):
 
 import threading  # noqa: E402
 
-import pytest  # noqa: E402
 
 from nvmeof_mp.exception import NVMeOFError  # noqa: E402
 from nvmeof_mp.privileged import host  # noqa: E402

@@ -105,8 +105,9 @@ class Attacher:
     """Executes connect/disconnect plans for single targets."""
 
     def __init__(self, kernel, sysfs, clock, policy, host_identity, lock_path=None, root="/",
-                 can_open=None):
+                 can_open=None, registry=None):
         self.root = root
+        self.registry = registry        # registry.Registry, or None: no reference counting
         self.can_open = can_open or can_open_rw     # permission check of the calling process
         self.kernel = kernel
         self.sysfs = sysfs
@@ -117,10 +118,16 @@ class Attacher:
 
     # -- attach ------------------------------------------------------------------------------
 
-    def attach(self, target: Target, all_portals: bool, replica_leg=False) -> TargetAttachment:
-        host_nqn, host_id = self._identity(target)
+    def attach(self, target: Target, all_portals: bool, replica_leg=False, key=None,
+               pending=None) -> TargetAttachment:
+        """Attach ``target``.  With ``key`` (the volume's registry key) the subsystem is held
+        for that volume before anything is connected; ``pending`` is the volume's record (and
+        secrets) to write in the same call, see ``Registry.claim``."""
+        host_nqn, host_id = self.identity(target)
         with subsystem_lock(target.nqn, host_nqn, self.lock_path):
             snap = self.sysfs.snapshot([target.nqn])
+            if self.registry is not None and key is not None:
+                self._claim(target, snap, host_nqn, key, pending)
             plan = planner.plan_connect(target, snap, host_nqn, all_portals)
             LOG.debug("Plan for %s: reuse %s, connect %s, rescan %s", target.describe(),
                       [(str(p), c) for p, c in plan.reuse], [str(p) for p in plan.connect],
@@ -135,6 +142,17 @@ class Attacher:
             LOG.warning("%s attached DEGRADED at %s: %s", target.describe(), attachment.device,
                         attachment.summary())
         return attachment
+
+    def _claim(self, target, snap, host_nqn, key, pending):
+        ctrls = [c for c in snap.controllers(target.nqn)
+                 if c.state != "deleting" and (c.hostnqn is None or c.hostnqn == host_nqn)]
+        if (pending is not None and pending[0]["state"] == "attaching"
+                and planner.find_namespace(target, snap) is not None
+                and self.registry.ref(key, target.nqn, host_nqn) is None):
+            # attached before the registry knew it (an older release, os-brick): adopted
+            pending[0]["state"] = "attached"
+            pending[0]["adopted"] = True
+        self.registry.claim(key, target.nqn, host_nqn, bool(ctrls), pending)
 
     def _attach(self, before, plan, host_nqn, host_id, replica_leg, progress):
         target = plan.target
@@ -193,7 +211,8 @@ class Attacher:
             if errors:
                 LOG.warning("Could not set %s on %s: %s", ", ".join(errors), name, errors)
 
-    def _identity(self, target):
+    def identity(self, target):
+        """(host NQN, host ID) this host connects ``target`` with."""
         host_nqn, host_id = self.host_identity()
         if target.host_nqn and target.host_nqn != host_nqn:
             return target.host_nqn, volume_host_id(target.host_nqn, host_id)
@@ -349,22 +368,33 @@ class Attacher:
 
     # -- detach ------------------------------------------------------------------------------
 
-    def detach(self, target: Target, flush=True, force=False):
-        """Flush the volume's device, then delete controllers nothing else needs.
+    def detach(self, target: Target, flush=True, force=False, key=None, drop=False):
+        """Flush the volume's device, then delete the subsystem's controllers when no other
+        volume of this host needs them (``plan.plan_release``).
 
         Returns a list of error texts; a volume that is not connected is a no-op.  Bounded in
         time: a flush is attempted only when a path can serve it, and the daemon gives it up
         after ``policy.flush_timeout``.  Without a usable path, or after a failed flush, the
         detach raises ``DetachAborted`` (the queued data stays, a retry can still flush it)
         unless ``force``: then the controllers are deleted, which fails whatever I/O is queued.
+        ``key``: the volume's registry key, whose reference to the subsystem is dropped (with
+        ``drop`` its whole record) in the call that deletes the controllers.
         """
-        host_nqn, _ = self._identity(target)
+        host_nqn, _ = self.identity(target)
         errors = []
         with subsystem_lock(target.nqn, host_nqn, self.lock_path):
             snap = self.sysfs.snapshot([target.nqn])
-            ns, ctrls = planner.plan_disconnect(target, snap, host_nqn)
-            if ns is None and not ctrls:
+            registered = self.registry is not None and key is not None
+            own = self.registry.ref(key, target.nqn, host_nqn) if registered else None
+            users = self.registry.users(target.nqn, host_nqn, but=key) if registered else ()
+            adopted = own is None or bool(own.get("adopted"))
+            decided = planner.plan_release(target, snap, host_nqn, users, adopted,
+                                           self._in_use(target, snap))
+            ns = decided.namespace
+            if ns is None and not decided.controllers:
                 LOG.debug("%s is not connected: nothing to do", target.describe())
+                if own is not None:
+                    self.kernel.registry_release(key, target.nqn, host_nqn, [], [], drop)
                 return errors
             if ns is not None and flush:
                 err = self._flush(target, ns, snap, force)
@@ -372,11 +402,24 @@ class Attacher:
                     if not force:       # the volume stays attached: its data is not written
                         raise DetachAborted(what=target.describe(), reason=err)
                     errors.append(err)
-            if ctrls:
-                errors += self.remove_controllers(ctrls, "detach of %s" % target.describe())
-            elif ns is not None:
-                LOG.info("Keeping controllers of %s: other namespaces use them", target.nqn)
+            if decided.keep:
+                LOG.info("Keeping the controllers of %s: %s", target.nqn, decided.keep)
+            if registered:
+                result = self.kernel.registry_release(key, target.nqn, host_nqn,
+                                                      decided.delete, decided.check, drop)
+                errors += result["errors"]
+                if result["kept"] and not decided.keep:
+                    LOG.info("Keeping the controllers of %s: %s", target.nqn, result["kept"])
+                for err in result["errors"]:
+                    LOG.warning("Detach of %s: %s", target.describe(), err)
+            elif decided.delete:
+                errors += self.remove_controllers(decided.delete,
+                                                  "detach of %s" % target.describe())
         return errors
+
+    def _in_use(self, target, snap):
+        """{device name: reason} for the subsystem's namespaces in use on this host."""
+        return {}
 
     def _flush(self, target, ns, snap, force):
         """Flush the device, or say why not: with no usable path the flush could only queue

@@ -14,7 +14,8 @@ from oslo_log import log as logging
 from nvmeof_mp import connection
 from nvmeof_mp.attach import Attacher
 from nvmeof_mp.connection import Mode
-from nvmeof_mp.exception import NVMeOFError, VolumeDeviceNotFound, VolumePathsNotFound
+from nvmeof_mp.exception import (DetachAborted, NVMeOFError, VolumeDeviceNotFound,
+                                 VolumePathsNotFound)
 from nvmeof_mp.hostinfo import HostInfo, connector_properties
 from nvmeof_mp.kernel import PrivilegedKernel
 from nvmeof_mp.plan import find_namespace
@@ -56,8 +57,11 @@ class NVMeOFConnector:
         self.lock_path = lock_path or default_lock_path()     # resolved once, not per lock
         self._identity = None
         self._identity_lock = threading.Lock()
+        from nvmeof_mp.registry import Registry
+        self.registry = Registry(kernel, root)
         self.attacher = Attacher(kernel, self.sysfs, self.clock, self.policy,
-                                 self.host_identity, self.lock_path, root, can_open)
+                                 self.host_identity, self.lock_path, root, can_open,
+                                 self.registry)
 
     # -- properties ----------------------------------------------------------------------------
 
@@ -115,7 +119,73 @@ class NVMeOFConnector:
             LOG.debug("connect_volume %s", connection.redact(connection_properties))
         self._check_multipath(request)
         with self._volume_lock(request):
-            return self._connect(request)
+            self._recover_around(request)
+            return self._connect_registered(request, connection_properties)
+
+    def _recover_around(self, request):
+        """Finish or roll back what crashed processes left on this volume's subsystems."""
+        from nvmeof_mp import recovery
+        self.registry.ensure_boot()
+        recovery.neighbours(self, request)
+
+    def _connect_registered(self, request, info):
+        """Attach with the registry: the record says ``attaching`` before the first controller
+        is made (in the same privileged call that holds the subsystem), ``attached`` after."""
+        from nvmeof_mp import registry as reg
+        key = request.volume_key
+        previous = self.registry.get(key)
+        if self.registry.interrupted(previous):
+            LOG.info("Finishing the %s of %s that process %s left unfinished",
+                     previous["state"][:-3], request.describe(), previous["owner"].get("pid"))
+        if previous is not None and previous["state"] == reg.ATTACHED:
+            # attached already (Nova attaches again after a host restart of the instance):
+            # the record stays as it is, its references too; no registry call
+            result = self._connect(request)
+            result.pop("_created", None)
+            return result
+        pending = self.registry.record(request, info, reg.ATTACHING, previous, "attach")
+        joined = self._joined_path(request)
+        if joined and os.path.exists(os.path.join(self.root, joined.lstrip("/"))):
+            pending[0].update(state=reg.ATTACHED, adopted=True)   # made before the registry
+        try:
+            result = self._connect(request, pending)
+        except BaseException:
+            self._attach_failed(key, pending[0])
+            raise
+        rec = pending[0]
+        created = {"controllers": sorted(set(result.pop("_created", [])) | {
+            c for r in result.get("replicas") or () for c in r.get("created") or ()})}
+        if joined and not rec.get("adopted") and result["path"] == joined:
+            created[request.mode.value] = joined
+        rec.update(state=reg.ATTACHED, device=result["path"], owner=reg.owner(),
+                   created=created)
+        reg.add_event(rec, "attached at %s%s" % (result["path"], " (degraded)"
+                                                 if result.get("degraded") else ""))
+        self.registry.put(rec, None)
+        return result
+
+    def _joined_path(self, request):
+        """The md or dm device of a replicated volume, None otherwise."""
+        if request.mode is Mode.RAID:
+            from nvmeof_mp import raid
+            return raid.device_path(request)
+        if request.mode is Mode.DEVICE_MAPPER:
+            from nvmeof_mp import devmapper
+            return devmapper.device_path(request)
+        return None
+
+    def _attach_failed(self, key, rec):
+        """A failed attach (already undone) leaves no record, unless the volume was attached
+        before it (then its record stays as it was)."""
+        from nvmeof_mp import registry as reg
+        try:
+            if rec["state"] == reg.ATTACHING:
+                if self.registry.get(key) is not None:
+                    self.registry.drop(key)
+            else:       # adopted: attached before this call, it stays so
+                self.registry.event(key, "attach failed: the volume stays as it was")
+        except Exception:       # noqa: BLE001 - the attach's own error is what matters
+            LOG.exception("Could not update the attachment registry after a failed attach")
 
     def _check_multipath(self, request):
         """os-brick's rule: multipath requested and enforced, but nvme_core multipath is off
@@ -130,19 +200,23 @@ class NVMeOFConnector:
             raise UnsupportedHost(reason="multipath is enforced but nvme_core multipath is off "
                                   "(/sys/module/nvme_core/parameters/multipath is N)")
 
-    def _connect(self, request):
+    def _connect(self, request, pending=None):
+        """Attach (or heal); ``pending``: the registry record (and secrets) to write before
+        the first controller is made, None for a heal of a registered volume."""
         if request.mode is Mode.RAID:
             from nvmeof_mp import raid
-            return raid.connect(self, request)
+            return raid.connect(self, request, pending)
         if request.mode is Mode.DEVICE_MAPPER:
             from nvmeof_mp import devmapper
-            return devmapper.connect(self, request)
+            return devmapper.connect(self, request, pending)
         all_portals = request.mode is Mode.MULTIPATH and self._use_native(request)
-        att = self.attacher.attach(request.target, all_portals)
+        att = self.attacher.attach(request.target, all_portals, key=request.volume_key,
+                                   pending=pending)
         LOG.info("Attached %s at %s (%s)", request.describe(), att.device, att.summary())
         details = att.as_dict()
         return {"type": "block", "path": att.device, "degraded": details["degraded"],
-                "paths": details["paths"], "failed_portals": details["failed_portals"]}
+                "paths": details["paths"], "failed_portals": details["failed_portals"],
+                "_created": list(att.created)}
 
     def _use_native(self, request):
         if not self.use_multipath:
@@ -165,26 +239,94 @@ class NVMeOFConnector:
 
     def check_paths(self, connection_properties):
         """Heal an attached volume: reconnect missing or deleted portals and replicas, re-add
-        md legs, reinstate dm paths.  Idempotent; a volume that is not attached is left alone,
-        so this is safe to run from a timer.  Returns {'healed', 'before', 'after'}.
+        md legs, reinstate dm paths.  Idempotent and safe to run from a timer.  A volume the
+        registry knows as attached is healed even when no path is left (the kernel deleted
+        its controllers after ``ctrl_loss_tmo``); an attached volume it does not know is
+        adopted; a volume this host has not attached is left alone.
+        Returns {'attached', 'healed', 'before', 'after'}.
         """
         request = connection.parse(connection_properties)
         with self._volume_lock(request):
+            self._recover_around(request)
             return self._heal(request, connection_properties)
 
-    def _heal(self, request, connection_properties):
-        before = self.get_path_status(connection_properties)
-        if not self.get_volume_paths(connection_properties):
+    def _heal(self, request, info):
+        from nvmeof_mp import recovery
+        from nvmeof_mp import registry as reg
+        key = request.volume_key
+        before = self.get_path_status(info)
+        record = self.registry.get(key)
+        if self.registry.interrupted(record):
+            done = recovery.recover_locked(self, key)
+            return {"attached": False, "healed": False, "recovered": done, "before": before,
+                    "after": self.get_path_status(info)}
+        registered = record is not None and record["state"] == reg.ATTACHED
+        if not registered and not self.get_volume_paths(info):
             return {"attached": False, "healed": False, "before": before, "after": before}
-        self._connect(request)
+        if registered:
+            self._connect(request)
+        else:
+            self._connect_registered(request, info)     # attached before the registry knew
         # new controllers are live; give their namespace paths a moment to show up
         from nvmeof_mp.waiting import poll
-        after = poll(lambda: _all_healthy(self.get_path_status(connection_properties)),
-                     2.0, self.clock) or self.get_path_status(connection_properties)
-        changed = [b["verdict"] for b in before] != [a["verdict"] for a in after]
-        LOG.info("check_paths %s: %s -> %s", request.describe(),
-                 ",".join(b["verdict"] for b in before), ",".join(a["verdict"] for a in after))
-        return {"attached": True, "healed": changed, "before": before, "after": after}
+        after = poll(lambda: _all_healthy(self.get_path_status(info)),
+                     2.0, self.clock) or self.get_path_status(info)
+        was = ",".join(b["verdict"] for b in before)
+        now = ",".join(a["verdict"] for a in after)
+        LOG.info("check_paths %s: %s -> %s", request.describe(), was, now)
+        if was != now and registered:
+            self.registry.event(key, "heal: %s -> %s" % (was, now))
+        return {"attached": True, "healed": was != now, "before": before, "after": after}
+
+    def heal_all(self):
+        """Heal every volume of the registry (``nvmeof-mp heal --all``, the heal timer), and
+        finish or roll back what crashed processes left.  A volume with DH-HMAC-CHAP secrets
+        is healed only by root (its secrets are readable by root only).  Returns one entry
+        per record: {'key', 'volume', 'action', 'verdicts'}."""
+        from nvmeof_mp import recovery
+        from nvmeof_mp import registry as reg
+        self.registry.ensure_boot()
+        out = []
+        for record in self.registry.records():
+            key = record["key"]
+            entry = {"key": key, "volume": record.get("describe"), "verdicts": []}
+            out.append(entry)
+            if self.registry.interrupted(record):
+                entry["action"] = recovery.recover(self, record)
+                continue
+            if record["state"] != reg.ATTACHED:
+                entry["action"] = "skipped: %s in progress" % record["state"]
+                continue
+            info = record["connection_info"]
+            if record.get("secrets"):
+                info = self.registry.secret_info(key)
+                if info is None:
+                    entry["action"] = ("skipped: its DH-HMAC-CHAP secrets are readable by "
+                                       "root only")
+                    continue
+            try:
+                result = self.check_paths(info)
+            except NVMeOFError as e:
+                entry["action"] = "failed: %s" % e
+                continue
+            entry["verdicts"] = [r["verdict"] for r in result["after"]]
+            entry["action"] = "healed" if result["healed"] else "checked"
+        return out
+
+    def attachments(self):
+        """Every volume of the registry with its per-path state (``nvmeof-mp status``)."""
+        self.registry.ensure_boot()
+        out = []
+        for record in self.registry.records():
+            entry = {k: record.get(k) for k in ("key", "describe", "mode", "state", "device",
+                                                  "created", "owner", "events", "since")}
+            entry["interrupted"] = self.registry.interrupted(record)
+            try:
+                entry["targets"] = self.get_path_status(record["connection_info"])
+            except NVMeOFError as e:
+                entry["targets"], entry["error"] = [], str(e)
+            out.append(entry)
+        return out
 
     # -- disconnect ----------------------------------------------------------------------------
 
@@ -198,13 +340,33 @@ class NVMeOFConnector:
         """
         request = connection.parse(connection_properties)
         with self._volume_lock(request):
-            errors = self._disconnect(request, force)
+            self._recover_around(request)
+            errors = self.detach_request(request, force)
         if errors:
             msg = "Detach of %s: %s" % (request.describe(), "; ".join(errors))
             if not ignore_errors:
                 raise NVMeOFError(msg)
             LOG.warning("%s (ignored)", msg)
         LOG.info("Detached %s", request.describe())
+
+    def detach_request(self, request, force):
+        """Detach with the registry (the caller holds the volume lock): the record says
+        ``detaching`` before the flush and goes with the last controller decision; a refused
+        detach leaves it ``attached``."""
+        from nvmeof_mp import registry as reg
+        key = request.volume_key
+        if self.registry.get(key) is not None:
+            self.registry.event(key, "detach" + (" (force)" if force else ""),
+                                state=reg.DETACHING, owner=reg.owner())
+        try:
+            errors = self._disconnect(request, force)
+        except DetachAborted as e:
+            self.registry.event(key, "detach refused: %s" % e, state=reg.ATTACHED,
+                                owner=reg.owner())
+            raise
+        if self.registry.get(key) is not None:
+            self.registry.drop(key)
+        return errors
 
     def _disconnect(self, request, force):
         if request.mode is Mode.RAID:
@@ -214,7 +376,8 @@ class NVMeOFConnector:
             from nvmeof_mp import devmapper
             errors = devmapper.disconnect(self, request, force=force)
         else:
-            errors = self.attacher.detach(request.target, force=force)
+            errors = self.attacher.detach(request.target, force=force, key=request.volume_key,
+                                          drop=True)
         return errors
 
     # -- queries -------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def _usable(connector):
     return connector.hostinfo.tool("dmsetup")
 
 
-def connect(connector, request):
+def connect(connector, request, pending=None):
     if not _usable(connector):
         if request.enforce_multipath:
             raise UnsupportedHost(reason="enforce_multipath is set but dmsetup (device-mapper) "
@@ -41,7 +41,7 @@ def connect(connector, request):
         LOG.warning("dmsetup is missing: %s attaches without a dm-multipath map",
                     request.describe())
     existed = replicas.exists(connector, device_path(request))
-    results = replicas.attach_all(connector, request)
+    results = replicas.attach_all(connector, request, pending)
     legs = [att for _, att, _ in results if att]
     if not _usable(connector):
         return {"type": "block", "path": legs[0].device, "degraded": True,

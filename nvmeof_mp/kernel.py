@@ -86,6 +86,43 @@ class Kernel(abc.ABC):
         (Identify Namespace), or None when it cannot be learned."""
         return None
 
+    # The attachment registry (``privileged.registry``): files only root writes.  Here for a
+    # kernel whose registry lives in a tree of its own (the simulated host's ``root``);
+    # ``PrivilegedKernel`` goes through the daemon.
+
+    def _store(self):
+        from nvmeof_mp.privileged import registry
+        return registry
+
+    def registry_put(self, key, record, secret_info=None):
+        self._count("registry_put")
+        self._store().put(self.root, key, record, secret_info)
+
+    def registry_hold(self, key, nqn, host_nqn, adopted, owner, record=None,
+                      secret_info=None):
+        self._count("registry_hold")
+        self._store().hold(self.root, key, nqn, host_nqn, adopted, owner, record, secret_info)
+
+    def registry_release(self, key, nqn, host_nqn, controllers, devices, drop=False) -> dict:
+        """Delete ``controllers`` unless another volume holds the subsystem or one of
+        ``devices`` is busy; drop the reference.  {'deleted', 'kept', 'errors'}"""
+        self._count("registry_release")
+        return self._store().release(self.root, key, nqn, host_nqn, list(controllers),
+                                     list(devices), self.delete_controller,
+                                     self.exclusive_busy, drop)
+
+    def registry_drop(self, key):
+        self._count("registry_drop")
+        self._store().drop(self.root, key)
+
+    def registry_reconcile(self) -> bool:
+        store = self._store()
+        return store.reconcile(self.root, store.current_boot_id(self.root))
+
+    def exclusive_busy(self, devices) -> dict:
+        """{device: reason} for the devices something holds open exclusively."""
+        return {}
+
     # md RAID1 and dm-multipath: each returns {'ok', 'out', 'error'} unless said otherwise
 
     @abc.abstractmethod
@@ -243,6 +280,35 @@ class PrivilegedKernel(Kernel):
 
     def dm_remove(self, name):
         return self._storage("dm_remove", name)
+
+    # the attachment registry: the daemon writes it (root-owned files)
+
+    def registry_put(self, key, record, secret_info=None):
+        from nvmeof_mp.privileged import registry
+        self._count("registry_put")
+        registry.registry_put(key, record, secret_info)
+
+    def registry_hold(self, key, nqn, host_nqn, adopted, owner, record=None,
+                      secret_info=None):
+        from nvmeof_mp.privileged import registry
+        self._count("registry_hold")
+        registry.registry_hold(key, nqn, host_nqn, adopted, owner, record, secret_info)
+
+    def registry_release(self, key, nqn, host_nqn, controllers, devices, drop=False):
+        from nvmeof_mp.privileged import registry
+        self._count("registry_release")
+        return registry.registry_release(key, nqn, host_nqn, list(controllers), list(devices),
+                                         drop)
+
+    def registry_drop(self, key):
+        from nvmeof_mp.privileged import registry
+        self._count("registry_drop")
+        registry.registry_drop(key)
+
+    def registry_reconcile(self):
+        from nvmeof_mp.privileged import registry
+        self._count("registry_reconcile")
+        return registry.registry_reconcile()
 
 
 class LazyKernel:

@@ -75,7 +75,7 @@ def _check_dir(directory):
         raise LockDirectoryError(path=directory, reason="writable by others")
 
 
-def _lock(kind, key, lock_path):
+def _lock(kind, key, lock_path, blocking=True):
     from oslo_concurrency import lockutils
     directory = lock_path or default_lock_path()
     _check_dir(directory)
@@ -83,7 +83,8 @@ def _lock(kind, key, lock_path):
     path = os.path.join(directory, name)
     if not os.path.exists(path):        # private file (the lock itself opens it for append)
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
-    return lockutils.lock(name, external=True, lock_path=directory, do_log=False)
+    return lockutils.lock(name, external=True, lock_path=directory, do_log=False,
+                          blocking=blocking)
 
 
 def subsystem_lock(nqn, host_nqn, lock_path=None):
@@ -96,8 +97,15 @@ def named_lock(name, lock_path=None):
     return _lock("obj", name, lock_path)
 
 
-def volume_lock(key, lock_path=None):
+def volume_lock(key, lock_path=None, blocking=True):
     """Held for the whole of one volume's attach, heal, extend or detach, so a heal from a
     timer cannot re-assemble or re-attach a volume half way through its detach.  Taken
-    before any subsystem or named lock, never inside one."""
-    return _lock("vol", key, lock_path)
+    before any subsystem or named lock, never inside one.  ``blocking=False``: entering
+    raises ``LockBusy`` at once when another thread or process holds it."""
+    return _lock("vol", key, lock_path, blocking)
+
+
+def lock_busy_error():
+    """The exception a non-blocking lock raises when it is held elsewhere."""
+    from oslo_concurrency import lockutils
+    return lockutils.AcquireLockFailedException

@@ -145,23 +145,49 @@ def best_ana_state(ns: Namespace, snapshot: Snapshot, nqn: str):
     return live[0] if live else None
 
 
-def plan_disconnect(target: Target, snapshot: Snapshot, host_nqn) -> tuple[Namespace | None,
-                                                                            tuple[str, ...]]:
-    """Which controllers to delete when the volume of ``target`` goes away.
+@dataclasses.dataclass(frozen=True)
+class Release:
+    """What a detach does with the controllers of one subsystem (for one host NQN).
 
-    Controllers of the subsystem that belong to this host NQN are deleted only when the
-    subsystem exposes no other namespace: another volume on the same subsystem keeps them.
-    Returns (namespace or None, controllers to delete).
+    ``delete``: controllers to delete (empty when kept); ``keep``: why they stay, or None;
+    ``check``: the subsystem's other namespaces, which the daemon checks again (open
+    exclusively by anyone) right before it deletes.
+    """
+    namespace: Namespace | None
+    controllers: tuple[str, ...]
+    delete: tuple[str, ...]
+    keep: str | None
+    check: tuple[str, ...]
+
+
+def plan_release(target: Target, snapshot: Snapshot, host_nqn, users=(), adopted=True,
+                 in_use=None) -> Release:
+    """Which controllers go when this host stops using ``target``'s volume.
+
+    Reference counting: the controllers of (subsystem, host NQN) go when no other volume of
+    this host holds the subsystem (``users``: their registry references), whatever other
+    namespaces the target exports - except when one of those is in use here by anything
+    else (``in_use``: {device name: reason}, mounted or held), and, for an *adopted*
+    subsystem (controllers that predate the registry: made by an older release, os-brick or
+    by hand, whose volumes the registry does not know), while it shows any other namespace.
     """
     ns = find_namespace(target, snapshot)
+    ctrls = tuple(c.name for c in snapshot.controllers(target.nqn)
+                  if host_nqn is None or c.hostnqn is None or c.hostnqn == host_nqn)
     kind, value = target.identity
     # with native multipath off the same namespace appears once per controller: not "others"
     others = [n for n in snapshot.namespaces(target.nqn) if getattr(n, kind) != value]
-    if others:
-        return ns, ()
-    ctrls = tuple(c.name for c in snapshot.controllers(target.nqn)
-                  if host_nqn is None or c.hostnqn is None or c.hostnqn == host_nqn)
-    return ns, ctrls
+    check = tuple(sorted({n.device for n in others}))
+    busy = sorted((n.name, (in_use or {})[n.name]) for n in others if n.name in (in_use or {}))
+    keep = None
+    if users:
+        keep = "used by %d other volume(s) of this host" % len(users)
+    elif busy:
+        keep = "in use on this host: " + ", ".join("%s (%s)" % b for b in busy)
+    elif adopted and others:
+        keep = ("they predate the registry and the subsystem shows other namespaces (%s)"
+                % ", ".join(n.name for n in others))
+    return Release(ns, ctrls, () if keep else ctrls, keep, check if not keep else ())
 
 
 TUNABLE = ("ctrl_loss_tmo", "reconnect_delay", "fast_io_fail_tmo")

@@ -95,7 +95,7 @@ def plan(name, replica_count, legs):
     return Plan("create", members=blank)
 
 
-def connect(connector, request):
+def connect(connector, request, pending=None):
     """Attach the legs, then do what ``plan`` decides: create, assemble or adopt the array and
     add blank legs, or return a single replica's own device.
 
@@ -105,7 +105,7 @@ def connect(connector, request):
     name = md_name(request.alias)
     path = "/dev/md/" + name
     existed = replicas.exists(connector, path)
-    results = replicas.attach_all(connector, request)
+    results = replicas.attach_all(connector, request, pending)
     legs = [att.device for _, att, _ in results if att]
     kernel = connector.kernel
     started, left_out = [], []
@@ -174,7 +174,7 @@ def disconnect(connector, request, force=False):
     waits (bounded) for udev's pending events, see ``replicas.udev_idle``.  A single replica
     without md is detached as a single volume."""
     if _plain(connector, request):
-        return connector.attacher.detach(request.target, force=force)
+        return connector.attacher.detach(request.target, force=force, key=request.volume_key)
     name = md_name(request.alias)
     # the md node, learned while /dev/md/<name> exists: udev may drop the link of an array
     # whose legs all died, and a forced detach must still stop it

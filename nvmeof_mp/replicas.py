@@ -19,8 +19,11 @@ LOG = logging.getLogger(__name__)
 REMOVE_RETRY = 5.0      # seconds a forced detach keeps trying to stop the array / remove the map
 
 
-def attach_all(connector, request):
+def attach_all(connector, request, pending=None):
     """-> list of (target, TargetAttachment or None, error or None), in request order.
+
+    ``pending``: the volume's registry record (and secrets), written before any replica is
+    attached (each replica then holds its subsystem for the volume).
 
     A replica that fails with an NVMeOFError is reported; any other exception (a privsep
     transport error, a bug) undoes the replicas attached meanwhile and is raised.
@@ -28,13 +31,16 @@ def attach_all(connector, request):
     def one(target):
         all_portals = len(target.portals) > 1 and connector.native_multipath()
         try:
-            return target, connector.attacher.attach(target, all_portals, replica_leg=True), None
+            return target, connector.attacher.attach(target, all_portals, replica_leg=True,
+                                                     key=request.volume_key), None
         except NVMeOFError as e:
             LOG.warning("Replica %s of %s could not be attached: %s", target.describe(),
                         request.describe(), e)
             return target, None, e
         except Exception as e:      # noqa: BLE001 - raised below, after the undo
             return target, None, e
+    if pending is not None:
+        connector.registry.put(*pending)
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(request.targets)) as pool:
         results = list(pool.map(one, request.targets))
     unexpected = [e for _, _, e in results if e is not None and not isinstance(e, NVMeOFError)]
@@ -125,7 +131,8 @@ def teardown(connector, request, path, remove, force, dead=None, unqueue=None):
                 raise DetachAborted(what=path, reason=result["error"])
             retry = True            # forced: once more when the legs are gone (nothing left)
     for target in request.targets:
-        errors += connector.attacher.detach(target, flush=False, force=force)
+        errors += connector.attacher.detach(target, flush=False, force=force,
+                                            key=request.volume_key)
     if retry and (exists(connector, path) or os.path.exists(device)):
         # the legs are gone now, so whatever held the array (a flush stuck on them) lets go
         # within moments; udev may have dropped the link meanwhile, the device stays
@@ -143,6 +150,7 @@ def teardown(connector, request, path, remove, force, dead=None, unqueue=None):
 def leg_report(results):
     return [{"nqn": t.nqn, "device": att.device if att else None,
              "degraded": att.degraded if att else True,
+             "created": list(att.created) if att else [],
              "error": str(err) if err else None} for t, att, err in results]
 
 

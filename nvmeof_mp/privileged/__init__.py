@@ -102,4 +102,4 @@ def _start_fresh():
 
 # Import every entrypoint module with the context, so the daemon loads them while it starts
 # and the first attach after start pays no import (under emulation ~0.5 s).
-from nvmeof_mp.privileged import host, nvme, storage  # noqa: E402,F401
+from nvmeof_mp.privileged import host, nvme, registry, storage  # noqa: E402,F401

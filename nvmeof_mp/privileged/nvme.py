@@ -239,7 +239,26 @@ def _connect_cli(opts):
 @privileged.default.entrypoint
 def delete_controller(name):
     """Disconnect one controller (what ``nvme disconnect -d`` does, without a process)."""
+    return delete(name)
+
+
+def delete(name):
     return _write_sysfs(fabrics_controller(name), "delete_controller", "1")
+
+
+def subsystem_controller(name, nqn, host_nqn):
+    """``name`` if it is a fabrics controller of subsystem ``nqn`` for ``host_nqn``."""
+    name = fabrics_controller(name)
+    for attr, wanted in (("subsysnqn", nqn), ("hostnqn", host_nqn)):
+        try:
+            with open(os.path.join(SYS_CLASS_NVME, name, attr)) as f:
+                seen = f.read().strip()
+        except OSError:
+            seen = None
+        if seen != wanted:
+            raise PrivilegedArgumentError("%s is not a controller of %s for %s" % (
+                name, nqn, host_nqn))
+    return name
 
 
 @privileged.default.entrypoint

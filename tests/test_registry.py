@@ -10,7 +10,7 @@ import pytest
 
 from nvmeof_mp import connection
 from nvmeof_mp import registry as reg
-from nvmeof_mp.exception import PrivilegedArgumentError
+from nvmeof_mp.exception import NVMeOFError, PrivilegedArgumentError
 from nvmeof_mp.privileged import registry as store
 from nvmeof_mp.sim.host import HOST_NQN
 
@@ -172,7 +172,7 @@ def test_records_of_an_earlier_boot_are_removed_at_first_use(lab):
 def test_a_failed_attach_leaves_no_record(lab):
     lab.target(ports=(4420,))
     lab.sim.portal(NQN, 4420).mode = "refuse"
-    with pytest.raises(Exception):
+    with pytest.raises(NVMeOFError):
         lab.connector.connect_volume(conninfo(portals=[P1]))
     assert files(lab, "volumes") == [] and files(lab, "refs") == []
 
@@ -182,7 +182,7 @@ def test_a_refused_detach_leaves_the_volume_attached_in_the_registry(lab):
     info = conninfo(portals=[P1])
     lab.connector.connect_volume(info)
     lab.sim.path_down(NQN, 4420)
-    with pytest.raises(Exception, match="flush impossible"):
+    with pytest.raises(NVMeOFError, match="flush impossible"):
         lab.connector.disconnect_volume(info, None)
     [record] = lab.connector.attachments()
     assert record["state"] == "attached"

@@ -5,6 +5,9 @@
     nvmeof-mp disconnect CONNINFO.json   detach
     nvmeof-mp paths DEVICE|CONNINFO.json per-path state and a verdict
     nvmeof-mp heal CONNINFO.json         reconnect what an attached volume lost
+    nvmeof-mp heal --all                 the same for every volume this host attached, and
+                                         finish what crashed processes left (the timer)
+    nvmeof-mp status                     every attachment of this host: state, paths, events
     nvmeof-mp lab ...                    the real-kernel lab (see doc/source/lab.rst)
 
 Imports are lazy: ``properties`` from a cold process must stay cheap.
@@ -77,6 +80,21 @@ def cmd_paths(args):
 
 
 def cmd_heal(args):
+    if args.all == bool(args.conninfo):
+        print("heal: give CONNINFO.json or --all", file=sys.stderr)
+        return 2
+    if args.all:
+        entries = _connector(args).heal_all()
+        if args.json:
+            _emit(args, entries)
+        else:
+            for e in entries:
+                print("%s: %s%s" % (e["volume"], e["action"], " (%s)" % ",".join(
+                    e["verdicts"]) if e["verdicts"] else ""))
+            if not entries:
+                print("no attachment registered on this host")
+        return 0 if all(e["verdicts"] and set(e["verdicts"]) == {"healthy"}
+                        for e in entries) else 1
     result = _connector(args).check_paths(_load(args.conninfo))
     if args.json:
         _emit(args, result)
@@ -86,6 +104,20 @@ def cmd_heal(args):
             print("not attached: nothing to heal")
         print("\n".join(status.format_text(r) for r in result["after"]))
     return 0 if all(r["verdict"] == "healthy" for r in result["after"]) else 1
+
+
+def cmd_status(args):
+    from nvmeof_mp import status
+    entries = _connector(args).attachments()
+    if args.json:
+        _emit(args, entries)
+        return 0
+    if not entries:
+        print("no attachment registered on this host")
+    for e in entries:
+        print(status.format_attachment(e))
+    return 0 if all(e["state"] == "attached" and not e["interrupted"] and all(
+        t["verdict"] == status.HEALTHY for t in e["targets"]) for e in entries) else 1
 
 
 def build_parser():
@@ -115,8 +147,12 @@ def build_parser():
     s.add_argument("target", help="/dev/nvmeXnY or a connection-info JSON file")
     s.set_defaults(func=cmd_paths)
     h = sub.add_parser("heal", help="reconnect missing paths/replicas of an attached volume")
-    h.add_argument("conninfo")
+    h.add_argument("conninfo", nargs="?")
+    h.add_argument("--all", action="store_true",
+                   help="every volume of this host's attachment registry")
     h.set_defaults(func=cmd_heal)
+    st = sub.add_parser("status", help="every attachment of this host (the registry)")
+    st.set_defaults(func=cmd_status)
     lab = sub.add_parser("lab", help="real-kernel lab in a VM (prepare, demo, gate, shell)")
     lab.add_argument("lab_args", nargs=argparse.REMAINDER)
     lab.set_defaults(func=cmd_lab)

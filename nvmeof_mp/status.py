@@ -65,3 +65,18 @@ def format_text(report):
     for m in report.get("missing_portals", []):
         lines.append("  (missing) %s" % m)
     return "\n".join(lines)
+
+
+def format_attachment(entry):
+    """One registry attachment (``Connector.attachments``) as text: the volume, its state,
+    the paths of each target, the last events."""
+    import time
+    state = entry["state"] + (" (INTERRUPTED: its process is gone)" if entry["interrupted"]
+                              else "")
+    lines = ["%s  %s  %s" % (entry.get("device") or "(no device)", entry.get("describe"),
+                             state)]
+    lines += ["  " + line for t in entry.get("targets") or () for line in
+              format_text(t).splitlines()]
+    for when, text in (entry.get("events") or [])[-5:]:
+        lines.append("  %s  %s" % (time.strftime("%H:%M:%S", time.localtime(when)), text))
+    return "\n".join(lines)

@@ -44,3 +44,22 @@ def test_fuzzed_connect_never_reaches_the_kernel(info):
     except InvalidConnectionInfo:
         pass
     assert sum(lab.sim.calls.values()) == 0
+
+
+def test_status_and_heal_all_from_the_registry(lab, monkeypatch, capsys):
+    lab.target()
+    lab.connector.connect_volume(conninfo())
+    monkeypatch.setattr(cli, "_connector", lambda args: lab.connector)
+    assert cli.main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "/dev/nvme0n1" in out and "attached" in out and "HEALTHY" in out
+    for name in lab.sim.controllers(NQN):
+        lab.sim.expire(name)
+    assert cli.main(["status"]) == 1
+    assert "DOWN" in capsys.readouterr().out
+    assert cli.main(["heal", "--all"]) == 0
+    assert "healed (healthy)" in capsys.readouterr().out
+    assert cli.main(["--json", "status"]) == 0
+    [entry] = json.loads(capsys.readouterr().out)
+    assert entry["targets"][0]["verdict"] == "healthy"
+    assert cli.main(["heal"]) == 2 and cli.main(["heal", "--all", "x.json"]) == 2

@@ -41,6 +41,7 @@ class Target:
         self._ana_groups = {1}
         self._backing_files: list[Path] = []
         self._loops: list[str] = []
+        self._held: list[int] = []
 
     # -- subsystems / namespaces ------------------------------------------------------------
     def _subsys(self, nqn: str) -> Path:
@@ -170,8 +171,38 @@ class Target:
         False if it was gone already."""
         return kill_process(pid)
 
+    # "in use by something else" on the initiator, as an operator or another tool makes it
+
+    def mount_scratch(self, device: str) -> str:
+        """mkfs.ext4 on ``device`` and mount it (as by hand); returns the mount point."""
+        if not device.startswith("/dev/nvme"):
+            raise ValueError("not an NVMe device: %s" % device)
+        subprocess.run(["mkfs.ext4", "-q", "-F", device], check=True, capture_output=True)
+        os.makedirs(SCRATCH_MOUNT, exist_ok=True)
+        subprocess.run(["mount", device, SCRATCH_MOUNT], check=True, capture_output=True)
+        return SCRATCH_MOUNT
+
+    def umount_scratch(self) -> None:
+        subprocess.run(["umount", SCRATCH_MOUNT], capture_output=True)
+
+    def hold_exclusive(self, device: str) -> None:
+        """Open ``device`` with O_EXCL and keep it open (as a tool that claims a disk)."""
+        if not device.startswith("/dev/nvme"):
+            raise ValueError("not an NVMe device: %s" % device)
+        self._held.append(os.open(device, os.O_RDONLY | os.O_EXCL))
+
+    def release_exclusive(self) -> None:
+        while self._held:
+            os.close(self._held.pop())
+
+    def clear_registry(self) -> list:
+        """Forget every attachment record (what a failed test left)."""
+        return clear_registry()
+
     def teardown(self) -> None:
         """Remove every port, subsystem and host in dependency order (links first)."""
+        self.release_exclusive()
+        self.umount_scratch()
         for port in (self.root / "ports").iterdir():
             for link in (port / "subsystems").iterdir():
                 link.unlink()
@@ -218,6 +249,19 @@ def cleanup_initiator():
     return done
 
 
+REGISTRY = "/var/lib/nvmeof_mp"
+SCRATCH_MOUNT = "/run/nvmeof-lab/scratch"
+
+
+def clear_registry():
+    import shutil
+    left = sorted(os.listdir(os.path.join(REGISTRY, "volumes"))) if os.path.isdir(
+        os.path.join(REGISTRY, "volumes")) else []
+    for sub in ("volumes", "refs", "secrets"):
+        shutil.rmtree(os.path.join(REGISTRY, sub), ignore_errors=True)
+    return left
+
+
 def kill_process(pid: int) -> bool:
     pid = int(pid)
     if pid <= 1 or pid == os.getpid():
@@ -248,7 +292,8 @@ def two_path_volume(target, nqn, uuid, size_mb=64):
 #: Target methods the agent serves.
 AGENT_OPS = ("add_subsystem", "allow_host", "add_namespace", "resize_namespace",
              "remove_namespace", "add_port", "link", "unlink", "set_ana_state", "state",
-             "teardown", "cleanup_initiator", "kill_process")
+             "teardown", "cleanup_initiator", "kill_process", "mount_scratch",
+             "umount_scratch", "hold_exclusive", "release_exclusive", "clear_registry")
 
 
 class TargetAgent:

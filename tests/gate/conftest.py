@@ -16,6 +16,8 @@ import pytest
 from nvmeof_mp.lab.workload import native_multipath
 
 IN_LAB = bool(os.environ.get("NVMEOF_MP_TARGET_SOCK"))
+#: the attachment registry's records (nvmeof_mp.privileged.registry)
+REGISTRY_VOLUMES = "/var/lib/nvmeof_mp/volumes"
 #: A gate test that takes longer fails instead of hanging the VM run (and every test after it).
 TEST_TIMEOUT = float(os.environ.get("NVMEOF_MP_GATE_TEST_TIMEOUT", "300"))
 
@@ -70,6 +72,7 @@ def target():
     from nvmeof_mp.lab.target import TargetClient
     client = TargetClient()
     client.teardown()
+    client.clear_registry()     # records a test without ``no_leftovers`` left would hold refs
     yield client
     client.teardown()
 
@@ -100,7 +103,10 @@ def no_leftovers():
     left = os.listdir("/sys/class/nvme") if os.path.isdir("/sys/class/nvme") else []
     mds = [d for d in os.listdir("/sys/block") if d.startswith("md")]
     dms = [d for d in os.listdir("/sys/block") if d.startswith("dm-")]
-    if left or mds or dms:
+    records = sorted(os.listdir(REGISTRY_VOLUMES)) if os.path.isdir(REGISTRY_VOLUMES) else []
+    if left or mds or dms or records:
         from nvmeof_mp.lab.target import TargetClient
         TargetClient().cleanup_initiator()
-    assert (left, mds, dms) == ([], [], []), "left behind: %s %s %s" % (left, mds, dms)
+        TargetClient().clear_registry()
+    assert (left, mds, dms, records) == ([], [], [], []), "left behind: %s %s %s %s" % (
+        left, mds, dms, records)

@@ -111,7 +111,40 @@ def killed_attach(args):
     return out
 
 
-SCENARIOS = {f.__name__: f for f in (back_to_back, green_pair, killed_attach)}
+def dies_at(args):
+    """Attach ``info`` and die by SIGKILL at ``phase``: "attach" right before the record says
+    "attached" (every controller connected), "detach" right before the controllers are
+    released (the record says "detaching", the device is flushed).  Nothing of the process
+    runs after that: no undo, no finally, as when the OOM killer strikes."""
+    import signal
+    conn = connector()
+    kernel = conn.kernel
+
+    def die():
+        print("dying now (%s)" % args["phase"], file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    put, release = kernel.registry_put, kernel.registry_release
+
+    def put_then_maybe_die(key, record, secret_info=None):
+        if args["phase"] == "attach" and record.get("state") == "attached":
+            die()
+        return put(key, record, secret_info)
+
+    def maybe_die_then_release(*a, **kw):
+        if args["phase"] == "detach":
+            die()
+        return release(*a, **kw)
+
+    kernel.registry_put = put_then_maybe_die
+    kernel.registry_release = maybe_die_then_release
+    result = conn.connect_volume(args["info"])
+    check_block(result["path"], 0)
+    conn.disconnect_volume(args["info"], result)
+    return {"survived": True}
+
+
+SCENARIOS = {f.__name__: f for f in (back_to_back, green_pair, killed_attach, dies_at)}
 
 
 def main():

@@ -176,6 +176,7 @@ def test_runs_never_overlap_even_when_a_run_outlasts_the_period(tmp_path):
     with timer.running(str(units), period_override=0.05, log=str(tmp_path / "log")) as runner:
         runs = runner.wait_for_runs(3, timeout=DEADLINE)
     assert not (tmp_path / "runs.txt.overlap").exists()
+    assert "tick(s) during run 1: nothing started" in (tmp_path / "log").read_text()
     spans = [tuple(map(float, line.split())) for line in rec.read_text().splitlines()]
     assert len(spans) >= 3
     for (_, end), (start, _) in itertools.pairwise(spans):
@@ -256,6 +257,22 @@ def test_environment_and_a_relative_program_resolve_as_in_systemd(tmp_path):
         runs = runner.wait_for_runs(1, timeout=DEADLINE)
     assert runs[0].returncode == 0
     assert eval(out.read_text()) == (["heal", "--all"], "two words", "2", "3", "/")
+
+
+def test_the_documented_drop_in_replaces_exec_start_and_adds_the_lock_path(tmp_path):
+    """doc/source/cli.rst: an empty ExecStart=, then the venv's command, in a drop-in."""
+    units = tmp_path / "units"
+    units.mkdir()
+    for name in (SERVICE, TIMER):
+        shutil.copy(os.path.join(UNITS, name), units / name)
+    (units / (SERVICE + ".d")).mkdir()
+    (units / (SERVICE + ".d") / "venv.conf").write_text(
+        "[Service]\nExecStart=\nExecStart=/opt/nvmeof/bin/nvmeof-mp heal --all\n"
+        "Environment=NVMEOF_MP_LOCK_PATH=/var/lib/nova/tmp\n")
+    job = timer.load(str(units))
+    assert job.argv == ["/opt/nvmeof/bin/nvmeof-mp", "heal", "--all"]
+    assert job.environment == {"NVMEOF_MP_LOCK_PATH": "/var/lib/nova/tmp"}
+    assert job.user == "root"
 
 
 def test_user_is_honoured(tmp_path):

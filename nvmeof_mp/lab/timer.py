@@ -7,7 +7,8 @@ the same path): the timer's ``OnBootSec``/``OnUnitActiveSec``, the service's ``E
 background thread, writing each run's output, exit status and duration to a log file.
 
 As systemd does for a ``Type=oneshot`` service, it never runs two heals at once (one thread
-runs them one after the other; a tick during a run starts nothing), kills a heal that outlives
+runs them one after the other; a tick during a run starts nothing, and the next run waits
+for the next tick), kills a heal that outlives
 ``TimeoutStartSec`` (its whole process group), and counts ``OnUnitActiveSec`` from the last
 run's start.  A unit key the runner does not know is refused, so a unit cannot silently mean
 more than the lab runs; hardening keys are known but not emulated.  A gate test may shorten
@@ -114,10 +115,11 @@ def parse_timespan(text: str) -> float:
     return total
 
 
-def parse_unit(path) -> dict:
+def parse_unit(path, sections: dict | None = None) -> dict:
     """``{section: {key: [value, ...]}}`` of a unit file, values in file order (comments,
-    blank lines and backslash continuations handled as systemd does)."""
-    sections: dict = {}
+    blank lines and backslash continuations handled as systemd does).  With ``sections``
+    (what earlier files said), the file's values are added after those: a drop-in."""
+    sections = {} if sections is None else sections
     current = None
     with open(path) as f:
         lines = f.read().splitlines()
@@ -169,8 +171,19 @@ def _environment(values) -> dict:
     return env
 
 
+def _read(path: Path, kind: str) -> dict:
+    """The unit and its drop-ins (``<unit>.d/*.conf`` beside it, in name order), checked."""
+    unit = parse_unit(path)
+    _check_keys(path, unit, kind)
+    for conf in sorted(path.parent.glob(path.name + ".d/*.conf")):
+        _check_keys(conf, parse_unit(conf), kind)
+        parse_unit(conf, unit)
+    return unit
+
+
 def _exec_start(values) -> list:
-    values = [v for v in values if v]
+    if "" in values:  # an empty ExecStart= (as in a drop-in) clears those before it
+        values = values[len(values) - values[::-1].index(""):]
     if len(values) != 1:
         raise UnitError("the lab runner needs exactly one ExecStart= line")
     value = values[0]
@@ -212,16 +225,14 @@ def _seconds(value, default):
 
 
 def load(unit_dir=None, timer: str = TIMER) -> Job:
-    """Read ``timer`` and the service it starts from ``unit_dir``; refuse what the runner
-    cannot honour."""
+    """Read ``timer`` and the service it starts from ``unit_dir`` (with their drop-ins there);
+    refuse what the runner cannot honour."""
     unit_dir = Path(unit_dir or default_unit_dir())
     timer_path = unit_dir / timer
-    tunit = parse_unit(timer_path)
-    _check_keys(timer_path, tunit, "timer")
+    tunit = _read(timer_path, "timer")
     service = _last(tunit, "Timer", "Unit", timer.rsplit(".", 1)[0] + ".service")
     service_path = unit_dir / service
-    sunit = parse_unit(service_path)
-    _check_keys(service_path, sunit, "service")
+    sunit = _read(service_path, "service")
     if _last(sunit, "Service", "Type", "simple") != "oneshot":
         raise UnitError(f"{service_path}: the lab runner runs only Type=oneshot services")
     period = _last(tunit, "Timer", "OnUnitActiveSec")
@@ -371,6 +382,13 @@ class TimerRunner:
             started = time.monotonic()
             self._run_once(started)
             next_at = started + self.period
+            # As systemd: a tick while the oneshot still runs joins that run (no second
+            # heal, none queued), and the next one is a period after that tick.
+            late = time.monotonic() - next_at
+            if late >= 0:
+                ticks = int(late // self.period) + 1
+                next_at += ticks * self.period
+                self._log(f"{ticks} tick(s) during run {self.count}: nothing started")
 
     def _spawn_args(self) -> dict:
         """Environment and identity for the run, as systemd would set them."""

@@ -55,6 +55,38 @@ def test_the_service_is_a_oneshot_and_holds_no_secret():
         assert word not in values
 
 
+#: sandboxing that would stop a heal from working, and why
+BREAKS_HEAL = {
+    "PrivateDevices": "hides /dev/nvme-fabrics, /dev/md*, /dev/mapper/control",
+    "DevicePolicy": "a device ACL: block and fabrics devices are not in it",
+    "DeviceAllow": "any entry closes every device not listed",
+    "ProtectClock": "implies DeviceAllow=char-rtc, which closes every other device on "
+                    "older systemd (systemd issue 18142, fixed in 2022)",
+    "ProtectKernelTunables": "makes /sys read-only: no controller delete, no md/dm state",
+    "PrivateNetwork": "the kernel's fabrics connections belong to the host's network",
+    "PrivateUsers": "no real root, no CAP_SYS_ADMIN over devices",
+    "MemoryDenyWriteExecute": "breaks libffi closures (cffi, ctypes callbacks)",
+}
+
+
+@pytest.mark.parametrize("key", sorted(BREAKS_HEAL))
+def test_the_service_has_no_sandboxing_that_breaks_a_heal(key):
+    unit = timer.parse_unit(os.path.join(UNITS, SERVICE))
+    values = unit["Service"].get(key, [])
+    assert not values or values[-1] in ("no", "false", "off", ""), BREAKS_HEAL[key]
+
+
+def test_the_capability_bounding_set_keeps_what_the_privsep_daemon_needs():
+    """oslo.privsep's daemon capsets itself to the context's capabilities: one missing from
+    the bounding set and the daemon cannot start."""
+    from nvmeof_mp import privileged
+    from oslo_privsep import capabilities as caps
+    unit = timer.parse_unit(os.path.join(UNITS, SERVICE))
+    bounding = set(" ".join(unit["Service"]["CapabilityBoundingSet"]).split())
+    names = {getattr(caps, n): n for n in dir(caps) if n.startswith("CAP_")}
+    assert {names[c] for c in privileged.default.conf.capabilities} <= bounding
+
+
 def test_the_timer_fires_on_a_short_period_with_little_slack():
     job = timer.load(UNITS)
     assert 1 <= job.period <= 60

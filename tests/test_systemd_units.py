@@ -348,6 +348,17 @@ def test_what_the_runner_cannot_honour_is_refused(tmp_path, service_extra, messa
         timer.load(str(units))
 
 
+def test_a_timer_with_only_onunitactivesec_is_refused_as_it_would_never_fire(tmp_path):
+    """systemd counts OnUnitActiveSec= from the service's last start: one that never started
+    gives no base, so without OnBootSec= the timer never elapses (NEXT: n/a)."""
+    units = write_units(tmp_path / "units", "/bin/true")
+    text = (units / TIMER).read_text()
+    (units / TIMER).write_text("".join(line for line in text.splitlines(keepends=True)
+                                       if not line.startswith("OnBootSec=")))
+    with pytest.raises(timer.UnitError, match="OnBootSec"):
+        timer.load(str(units))
+
+
 @pytest.mark.parametrize("exec_start", ["-/bin/true", "/bin/echo $HOME", "/bin/echo %n"])
 def test_exec_start_prefixes_and_expansions_are_refused(tmp_path, exec_start):
     units = write_units(tmp_path / "units", exec_start)

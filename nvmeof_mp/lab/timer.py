@@ -238,6 +238,10 @@ def load(unit_dir=None, timer: str = TIMER) -> Job:
     period = _last(tunit, "Timer", "OnUnitActiveSec")
     if period is None or parse_timespan(period) <= 0:
         raise UnitError(f"{timer_path}: needs OnUnitActiveSec=")
+    if _last(tunit, "Timer", "OnBootSec") is None:
+        # systemd counts OnUnitActiveSec= from the service's last start: without another
+        # trigger the service never starts and the timer never elapses.
+        raise UnitError(f"{timer_path}: needs OnBootSec= (OnUnitActiveSec= alone never fires)")
     return Job(
         timer_path=str(timer_path), service_path=str(service_path),
         argv=_exec_start(sunit.get("Service", {}).get("ExecStart", [])),
@@ -245,7 +249,7 @@ def load(unit_dir=None, timer: str = TIMER) -> Job:
         environment=_environment(sunit.get("Service", {}).get("Environment", [])),
         timeout=_seconds(_last(sunit, "Service", "TimeoutStartSec"), 90.0),
         stop_timeout=_seconds(_last(sunit, "Service", "TimeoutStopSec"), 90.0) or 90.0,
-        on_boot=parse_timespan(_last(tunit, "Timer", "OnBootSec", "0")),
+        on_boot=parse_timespan(_last(tunit, "Timer", "OnBootSec")),
         period=parse_timespan(period),
     )
 
@@ -281,6 +285,8 @@ class TimerRunner:
 
     def __init__(self, job: Job, log, period_override: float | None = None,
                  env: dict | None = None, first_delay: float | None = None):
+        if period_override is not None and period_override <= 0:
+            raise ValueError("period_override must be positive")
         self.job = job
         self.log_path = str(log)
         self.period = period_override if period_override is not None else job.period

@@ -291,7 +291,7 @@ def test_environment_and_a_relative_program_resolve_as_in_systemd(tmp_path):
     assert eval(out.read_text()) == (["heal", "--all"], "two words", "2", "3", "/")
 
 
-def test_the_documented_drop_in_replaces_exec_start_and_adds_the_lock_path(tmp_path):
+def test_the_documented_drop_in_replaces_exec_start(tmp_path):
     """doc/source/cli.rst: an empty ExecStart=, then the venv's command, in a drop-in."""
     units = tmp_path / "units"
     units.mkdir()

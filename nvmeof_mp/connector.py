@@ -107,10 +107,19 @@ class NVMeOFConnector:
 
     # -- connect -------------------------------------------------------------------------------
 
-    def _volume_lock(self, request):
+    def _volume_lock(self, request, lock_path=None):
         """Attach, heal, extend and detach of one volume exclude each other."""
         from nvmeof_mp.locks import volume_lock
-        return volume_lock(request.volume_key, self.lock_path)
+        return volume_lock(request.volume_key, lock_path or self.lock_path)
+
+    def lock_path_of(self, record):
+        """The lock directory of a registered volume: the one of the process that attached it
+        when this process may use it (root: the heal timer), else this process's own."""
+        from nvmeof_mp.locks import service_directory
+        theirs = (record or {}).get("lock_path")
+        if theirs and theirs != self.lock_path and os.geteuid() == 0 and os.path.isabs(theirs):
+            return service_directory(theirs)
+        return self.lock_path
 
     def connect_volume(self, connection_properties):
         """Attach the volume; returns ``{'type': 'block', 'path': '/dev/...'}`` plus details."""
@@ -143,7 +152,8 @@ class NVMeOFConnector:
             result = self._connect(request)
             result.pop("_created", None)
             return result
-        pending = self.registry.record(request, info, reg.ATTACHING, previous, "attach")
+        pending = self.registry.record(request, info, reg.ATTACHING, previous, "attach",
+                                       lock_path=self.lock_path)
         joined = self._joined_path(request)
         if joined and os.path.exists(os.path.join(self.root, joined.lstrip("/"))):
             pending[0].update(state=reg.ATTACHED, adopted=True)   # made before the registry
@@ -245,8 +255,11 @@ class NVMeOFConnector:
         adopted; a volume this host has not attached is left alone.
         Returns {'attached', 'healed', 'before', 'after'}.
         """
+        return self._check_paths(connection_properties)
+
+    def _check_paths(self, connection_properties, lock_path=None):
         request = connection.parse(connection_properties)
-        with self._volume_lock(request):
+        with self._volume_lock(request, lock_path):
             self._recover_around(request)
             return self._heal(request, connection_properties)
 
@@ -305,7 +318,7 @@ class NVMeOFConnector:
                                        "root only")
                     continue
             try:
-                result = self.check_paths(info)
+                result = self._check_paths(info, self.lock_path_of(record))
             except NVMeOFError as e:
                 entry["action"] = "failed: %s" % e
                 continue

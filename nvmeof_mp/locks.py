@@ -69,20 +69,38 @@ def _check_dir(directory):
         st = os.lstat(directory)
     if not stat.S_ISDIR(st.st_mode):
         raise LockDirectoryError(path=directory, reason="not a directory")
-    if st.st_uid not in (os.getuid(), 0):
+    if st.st_uid not in (os.getuid(), 0) and directory not in _services:
         raise LockDirectoryError(path=directory, reason="owned by uid %d" % st.st_uid)
     if st.st_mode & 0o022:
         raise LockDirectoryError(path=directory, reason="writable by others")
+    return st
+
+
+_services = set()
+
+
+def service_directory(path):
+    """Root may lock in ``path``, a service's own lock directory owned by the service's user:
+    the heal timer takes a volume's lock where the service that attached it (nova-compute,
+    cinder-volume) takes it.  Files it makes there belong to the directory's owner."""
+    if os.getuid() == 0:
+        _services.add(path)
+    return path
 
 
 def _lock(kind, key, lock_path, blocking=True):
     from oslo_concurrency import lockutils
     directory = lock_path or default_lock_path()
-    _check_dir(directory)
+    st = _check_dir(directory)
     name = _name(kind, key)
     path = os.path.join(directory, name)
     if not os.path.exists(path):        # private file (the lock itself opens it for append)
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            if st.st_uid != os.getuid():    # root in a service's directory: the service's file
+                os.fchown(fd, st.st_uid, st.st_gid)
+        finally:
+            os.close(fd)
     return lockutils.lock(name, external=True, lock_path=directory, do_log=False,
                           blocking=blocking)
 

@@ -41,7 +41,7 @@ def recover(connector, record, wait=True):
     done, for the log and ``heal --all``."""
     key = record["key"]
     try:
-        with volume_lock(key, connector.lock_path, blocking=wait):
+        with volume_lock(key, connector.lock_path_of(record), blocking=wait):
             return _recover(connector, key)
     except lock_busy_error():
         return "busy: another call is working on it"

@@ -313,3 +313,23 @@ def test_raid_volume_holds_both_leg_subsystems_and_releases_them(lab):
     lab.connector.disconnect_volume(raid_info(), None)
     assert files(lab, "refs") == [] and files(lab, "volumes") == []
     assert lab.sim.controllers() == []
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="root's heal in a service's lock directory")
+def test_root_heal_takes_the_volume_lock_where_the_attaching_service_takes_it(lab, tmp_path):
+    from nvmeof_mp import locks
+    service_dir = tmp_path / "nova-locks"
+    service_dir.mkdir(mode=0o755)
+    os.chown(service_dir, 4242, 4242)             # the service user's lock_path
+    lab.target()
+    nova = lab.new_connector(lock_path=str(service_dir))
+    nova.connect_volume(conninfo())
+    for name in os.listdir(service_dir):
+        os.unlink(service_dir / name)            # a temp cleaner passed
+    timer = lab.new_connector(lock_path=str(tmp_path / "root-locks"))
+    [entry] = timer.heal_all()
+    assert entry["action"] == "checked"
+    key = connection.parse(conninfo()).volume_key
+    lock = locks.lock_file("vol", key, str(service_dir))
+    assert os.stat(lock).st_uid == 4242          # the service can still open its lock
+    assert not os.path.exists(locks.lock_file("vol", key, str(tmp_path / "root-locks")))

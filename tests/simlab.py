@@ -28,8 +28,9 @@ class Lab:
 
     def new_connector(self, **kwargs):
         kwargs.setdefault("use_multipath", self.use_multipath)
+        kwargs.setdefault("lock_path", self.lock_path)
         return NVMeOFConnector(kernel=self.sim, root=self.root, clock=self.sim.clock,
-                               lock_path=self.lock_path, can_open=self.sim.can_open, **kwargs)
+                               can_open=self.sim.can_open, **kwargs)
 
     def target(self, nqn=NQN, ports=(4420, 4421), namespaces=((1, UUID),)):
         return self.sim.add_target(nqn, [("127.0.0.1", p) for p in ports],

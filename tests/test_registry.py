@@ -320,12 +320,12 @@ def test_root_heal_takes_the_volume_lock_where_the_attaching_service_takes_it(la
     from nvmeof_mp import locks
     service_dir = tmp_path / "nova-locks"
     service_dir.mkdir(mode=0o755)
-    os.chown(service_dir, 4242, 4242)             # the service user's lock_path
     lab.target()
     nova = lab.new_connector(lock_path=str(service_dir))
     nova.connect_volume(conninfo())
     for name in os.listdir(service_dir):
         os.unlink(service_dir / name)            # a temp cleaner passed
+    os.chown(service_dir, 4242, 4242)             # the service user's lock_path
     timer = lab.new_connector(lock_path=str(tmp_path / "root-locks"))
     [entry] = timer.heal_all()
     assert entry["action"] == "checked"

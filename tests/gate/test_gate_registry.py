@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 import pytest
-from test_gate import NQN, U1, U2, controllers, info, one_subsystem
+from test_gate import U1, U2, controllers, info, one_subsystem
 from test_gate_safety import finish_worker, start_worker, who
 
 from nvmeof_mp.lab.workload import Writer, verify, wait_for

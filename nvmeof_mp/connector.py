@@ -276,8 +276,9 @@ class NVMeOFConnector:
         registered = record is not None and record["state"] == reg.ATTACHED
         if not registered and not self.get_volume_paths(info):
             return {"attached": False, "healed": False, "before": before, "after": before}
+        readded = []
         if registered:
-            self._connect(request)
+            readded = self._connect(request).get("readded") or []
         else:
             self._connect_registered(request, info)     # attached before the registry knew
         # new controllers are live; give their namespace paths a moment to show up
@@ -287,9 +288,13 @@ class NVMeOFConnector:
         was = ",".join(b["verdict"] for b in before)
         now = ",".join(a["verdict"] for a in after)
         LOG.info("check_paths %s: %s -> %s", request.describe(), was, now)
-        if was != now and registered:
-            self.registry.event(key, "heal: %s -> %s" % (was, now))
-        return {"attached": True, "healed": was != now, "before": before, "after": after}
+        healed = was != now or bool(readded)
+        if healed and registered:
+            self.registry.event(key, "heal: %s -> %s%s" % (was, now, "; md legs re-added: %s"
+                                                            % ", ".join(readded)
+                                                            if readded else ""))
+        return {"attached": True, "healed": healed, "before": before, "after": after,
+                "readded": readded}
 
     def heal_all(self):
         """Heal every volume of the registry (``nvmeof-mp heal --all``, the heal timer), and

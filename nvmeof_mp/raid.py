@@ -108,7 +108,7 @@ def connect(connector, request, pending=None):
     results = replicas.attach_all(connector, request, pending)
     legs = [att.device for _, att, _ in results if att]
     kernel = connector.kernel
-    started, left_out = [], []
+    started, left_out, readded = [], [], []
     try:
         with named_lock("md-" + name, connector.lock_path):
             decided = plan(name, request.replica_count,
@@ -127,6 +127,7 @@ def connect(connector, request, pending=None):
                 result = replicas.require_ok(kernel.md_assemble(name, decided.members),
                                              "mdadm --assemble")
                 left_out += [tuple(x) for x in result.get("left_out") or ()]
+                readded += result.get("readded") or []
                 for leg in decided.add:
                     added = kernel.md_add(name, leg)
                     if not added.get("ok"):
@@ -151,7 +152,11 @@ def connect(connector, request, pending=None):
         att is None or att.degraded for _, att, _ in results)
     (LOG.warning if degraded else LOG.info)(
         "Attached %s at %s%s", request.describe(), path, " (DEGRADED)" if degraded else "")
-    return {"type": "block", "path": path, "degraded": degraded, "replicas": report}
+    if readded and existed:
+        LOG.info("%s: legs re-added to the running array: %s", request.describe(),
+                 ", ".join(readded))
+    return {"type": "block", "path": path, "degraded": degraded, "replicas": report,
+            "readded": readded if existed else []}
 
 
 def _plain(connector, request):

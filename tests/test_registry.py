@@ -333,3 +333,16 @@ def test_root_heal_takes_the_volume_lock_where_the_attaching_service_takes_it(la
     lock = locks.lock_file("vol", key, str(service_dir))
     assert os.stat(lock).st_uid == 4242          # the service can still open its lock
     assert not os.path.exists(locks.lock_file("vol", key, str(tmp_path / "root-locks")))
+
+
+def test_heal_all_re_adds_a_failed_raid_leg_and_says_so(lab):
+    from test_replicated import NQA, NQB, raid_info
+    lab.target(nqn=NQA, ports=(4420, 4422), namespaces=((1, UUID),))
+    lab.target(nqn=NQB, ports=(4421, 4423), namespaces=((1, UUID2),))
+    lab.connector.connect_volume(raid_info())
+    lab.sim.md_fail("vol1", "/dev/nvme1n1")
+    [entry] = lab.connector.heal_all()
+    assert entry["action"] == "healed"
+    assert lab.sim.md["vol1"]["legs"]["/dev/nvme1n1"] == "active"
+    assert "md legs re-added: /dev/nvme1n1" in lab.connector.attachments()[0]["events"][-1][1]
+    lab.connector.disconnect_volume(raid_info(), None)

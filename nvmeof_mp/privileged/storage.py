@@ -234,7 +234,7 @@ def md_assemble(name, devices):
     else:
         return result
     _run(["mdadm", "--manage", array, "--remove", "failed"])
-    left_out = []
+    left_out, readded = [], []
     held = [d for d in devices if _holder_md(d)]
     top = max((_events(_examine(d)) for d in held), default=None)
     for d in devices:
@@ -248,8 +248,10 @@ def md_assemble(name, devices):
         readd = _run(["mdadm", "--manage", array, "--re-add", d])
         if not readd["ok"]:
             left_out.append([d, readd["error"]])
+        else:
+            readded.append(d)
     active = _array_state(array) not in (None, "inactive")
-    return {"ok": active, "out": "", "left_out": left_out,
+    return {"ok": active, "out": "", "left_out": left_out, "readded": readded,
             "error": "" if active else "array %s is not active" % array}
 
 

@@ -93,7 +93,7 @@ class SimStorage:
                 fresh = [d for d, sb in sbs.items() if sb["events"] == top]
                 self._md_start(name, fresh, max(2, len(devices)), uuids.pop(), top)
             md = self.md[name]
-            left_out = []
+            left_out, readded = [], []
             for device in devices:
                 ident = self._identity_of(device)
                 if md["legs"].get(device) == "active":
@@ -107,8 +107,9 @@ class SimStorage:
                         del md["legs"][dev]
                 md["legs"][device] = "active"
                 sbs[device]["events"] = md["events"]
+                readded.append(device)
             return dict(self._ok("mdadm: /dev/md/%s has been started with %d drives." % (
-                name, len(md["legs"]))), left_out=left_out)
+                name, len(md["legs"]))), left_out=left_out, readded=readded)
 
     def md_add(self, name, device):
         self._count("md_add")

@@ -3,8 +3,10 @@
 A namespace is in use when something on this host would break if it went away: a device
 stacked on it or on one of its partitions (md, device-mapper, LVM, bcache: the kernel lists
 them under ``holders/``), a filesystem mounted from it or from a partition, or swap on it.
-What the reads cannot see - a process that keeps the device open exclusively - the daemon's
-``exclusive_busy`` finds by trying an exclusive open.
+What the reads cannot see - a process that keeps the device open exclusively, a filesystem
+mounted only in another mount namespace (mountinfo is this process's view) - the daemon's
+``exclusive_busy`` finds by trying an exclusive open: the kernel refuses it for every use
+named here too.
 """
 
 from __future__ import annotations

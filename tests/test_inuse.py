@@ -265,3 +265,10 @@ def test_sim_exclusive_open_fails_on_a_held_mounted_or_swapped_device(sim):
     sim.swapon(part)
     assert sim.exclusive_busy(devs) == {"/dev/nvme0n1": BUSY, "/dev/nvme1n1": BUSY}
     assert sim.calls["exclusive_busy"] == 5
+
+
+def test_sim_exclusive_open_refuses_what_the_daemon_refuses(sim):
+    part = sim.add_partition("nvme0n1", 1)
+    for devices in (["/dev/" + part], ["/dev/nvme0n1", "/dev/nvme7n1"], ["nvme0n1"]):
+        with pytest.raises(PrivilegedArgumentError):
+            sim.exclusive_busy(devices)

@@ -10,6 +10,7 @@ partition is (a claimed partition marks its whole disk claimed too).
 
 import os
 
+from nvmeof_mp.exception import PrivilegedArgumentError
 from nvmeof_mp.sim.files import unlink as _unlink, write as _write
 
 BUSY = "open exclusively or held by another user"     # as the daemon says it
@@ -89,8 +90,12 @@ class SimInUse:
     # -- the fake kernel ---------------------------------------------------------------------
 
     def exclusive_busy(self, devices):
-        """As the daemon's: {device: reason} for the devices an O_EXCL open fails on."""
+        """As the daemon's: {device: reason} for the devices an O_EXCL open fails on; a
+        device that is not a connected namespace (``/dev/nvmeXnY``) refuses the call."""
         self._count("exclusive_busy")
+        for device in devices:
+            if not device.startswith("/dev/") or self._identity_of(device) is None:
+                raise PrivilegedArgumentError("not an NVMe-oF namespace: %r" % (device,))
         state = self._inuse()
         busy = {}
         for device in devices:

@@ -17,7 +17,7 @@ from test_gate import info, one_subsystem
 
 from nvmeof_mp import inuse
 
-pytestmark = [pytest.mark.usefixtures("no_leftovers"),
+pytestmark = [pytest.mark.usefixtures("no_leftovers"), pytest.mark.root_too,
               pytest.mark.skipif(os.getuid() != 0, reason="mounts, maps and swaps need root")]
 
 BUSY = "open exclusively or held by another user"

@@ -272,3 +272,13 @@ def test_sim_exclusive_open_refuses_what_the_daemon_refuses(sim):
     for devices in (["/dev/" + part], ["/dev/nvme0n1", "/dev/nvme7n1"], ["nvme0n1"]):
         with pytest.raises(PrivilegedArgumentError):
             sim.exclusive_busy(devices)
+
+
+def test_sim_exclusive_open_that_hangs_counts_as_busy_after_the_daemon_timeout(sim):
+    sim.hang_open("/dev/nvme1n1")
+    start = sim.clock.now
+    assert sim.exclusive_busy(["/dev/nvme0n1", "/dev/nvme1n1"]) == {
+        "/dev/nvme1n1": "open did not return within %gs" % host.EXCLUSIVE_TIMEOUT}
+    assert sim.clock.now - start == host.EXCLUSIVE_TIMEOUT
+    sim.release("/dev/nvme1n1")
+    assert sim.exclusive_busy(["/dev/nvme1n1"]) == {}

@@ -13,14 +13,17 @@ import os
 from nvmeof_mp.exception import PrivilegedArgumentError
 from nvmeof_mp.sim.files import unlink as _unlink, write as _write
 
-BUSY = "open exclusively or held by another user"     # as the daemon says it
+# as the daemon's (nvmeof_mp.privileged.host; the tests check they agree)
+BUSY = "open exclusively or held by another user"
+EXCLUSIVE_TIMEOUT = 5.0
 
 
 class SimInUse:
     def _inuse(self):
         state = self.__dict__.get("_inuse_state")
         if state is None:
-            state = self.__dict__["_inuse_state"] = {"open": set(), "claims": {}, "parts": {}}
+            state = self.__dict__["_inuse_state"] = {"open": set(), "claims": {}, "parts": {},
+                                                     "hang": set()}
         return state
 
     def _claim(self, name, what, on=True):
@@ -36,8 +39,14 @@ class SimInUse:
         """A process opens ``/dev/<name>`` with O_EXCL and keeps it open."""
         self._inuse()["open"].add(os.path.basename(device))
 
+    def hang_open(self, device):
+        """An open of ``/dev/<name>`` does not return (its I/O queues: no path serves it)."""
+        self._inuse()["hang"].add(os.path.basename(device))
+
     def release(self, device):
+        """Undo ``hold_open`` and ``hang_open``."""
         self._inuse()["open"].discard(os.path.basename(device))
+        self._inuse()["hang"].discard(os.path.basename(device))
 
     def add_holder(self, name, holder):
         """``holder`` (``dm-3``, ``md127``) is stacked on block device ``name``."""
@@ -98,8 +107,13 @@ class SimInUse:
                 raise PrivilegedArgumentError("not an NVMe-oF namespace: %r" % (device,))
         state = self._inuse()
         busy = {}
+        if any(os.path.basename(d) in state["hang"] for d in devices):
+            self.clock.sleep(EXCLUSIVE_TIMEOUT)       # the daemon waits this long, then answers
         for device in devices:
             name = os.path.basename(device)
+            if name in state["hang"]:
+                busy[device] = "open did not return within %gs" % EXCLUSIVE_TIMEOUT
+                continue
             parts = [p for p, disk in state["parts"].items() if disk == name]
             if name in state["open"] or any(state["claims"].get(n) for n in [name] + parts):
                 busy[device] = BUSY

@@ -74,6 +74,13 @@ class Kernel(abc.ABC):
         """Read a device's first sector as root (bounded in time); None or an error text."""
 
     @abc.abstractmethod
+    def exclusive_busy(self, devices) -> dict:
+        """{device: reason} for the NVMe-oF namespaces of ``devices`` (``/dev/nvmeXnY``) that
+        an exclusive open fails on (mounted, held by md/dm/LVM, swap, open with O_EXCL), or
+        whose open does not return in bounded time; the others are left out.  A device that
+        is not an NVMe-oF namespace refuses the whole call (``PrivilegedArgumentError``)."""
+
+    @abc.abstractmethod
     def ensure_host_identity(self) -> tuple[str, str]:
         """Create /etc/nvme/hostnqn and hostid if missing; return (hostnqn, hostid)."""
 
@@ -235,6 +242,11 @@ class PrivilegedKernel(Kernel):
         from nvmeof_mp.privileged import host
         self._count("read_first_sector")
         return host.read_first_sector(path)
+
+    def exclusive_busy(self, devices):
+        from nvmeof_mp.privileged import host
+        self._count("exclusive_busy")
+        return host.exclusive_busy(list(devices))
 
     def ensure_host_identity(self):
         from nvmeof_mp.privileged import host

@@ -53,6 +53,7 @@ CALLS = {
          "transport": "tcp"}, "fabrics"),
     "flush_device": lambda h: body(host.flush_device)("/dev/" + h),
     "read_first_sector": lambda h: body(host.read_first_sector)("/dev/" + h),
+    "exclusive_busy": lambda h: body(host.exclusive_busy)(["/dev/" + h]),
     "md_create name": lambda h: body(storage.md_create)(h, ["/dev/nvme0n1"], 1),
     "md_create leg": lambda h: body(storage.md_create)("vol1", ["/dev/" + h], 1),
     "md_assemble": lambda h: body(storage.md_assemble)(h, ["/dev/nvme0n1"]),

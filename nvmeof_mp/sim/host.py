@@ -26,6 +26,7 @@ import threading
 
 from nvmeof_mp.kernel import Kernel
 from nvmeof_mp.sim.files import unlink as _unlink, write as _write
+from nvmeof_mp.sim.inuse import SimInUse
 from nvmeof_mp.sim.storage import SimStorage
 
 HOST_NQN = "nqn.2014-08.org.nvmexpress:uuid:3a940e64-7dfc-485f-a005-76d53d71924d"
@@ -110,7 +111,7 @@ class SimController:
     outages: int = 0            # counts path losses: a reconnect ends the loss timer
 
 
-class SimHost(SimStorage, Kernel):
+class SimHost(SimStorage, SimInUse, Kernel):
     """The fake kernel plus the target side, writing a sysfs tree below ``root``."""
 
     def __init__(self, root, native_multipath=True, clock=None, ns_delay=0.05,

@@ -1,0 +1,133 @@
+"""A namespace in use on the simulated host: holders, partitions, mounts, swap, and processes
+holding a device open exclusively.
+
+A mixin of ``SimHost``.  The helpers change the tree the way the kernel shows each use
+(``holders/<name>`` links, ``<disk>p<N>`` partition directories, lines of
+``proc/self/mountinfo`` and ``proc/swaps``) and remember the claim, so the fake kernel's
+exclusive open fails with EBUSY as Linux's does: on a device that is claimed, or whose
+partition is (a claimed partition marks its whole disk claimed too).
+"""
+
+import os
+
+from nvmeof_mp.exception import PrivilegedArgumentError
+from nvmeof_mp.sim.files import unlink as _unlink, write as _write
+
+# as the daemon's (nvmeof_mp.privileged.host; the tests check they agree)
+BUSY = "open exclusively or held by another user"
+EXCLUSIVE_TIMEOUT = 5.0
+
+
+class SimInUse:
+    def _inuse(self):
+        state = self.__dict__.get("_inuse_state")
+        if state is None:
+            state = self.__dict__["_inuse_state"] = {"open": set(), "claims": {}, "parts": {},
+                                                     "hang": set()}
+        return state
+
+    def _claim(self, name, what, on=True):
+        claims = self._inuse()["claims"].setdefault(name, set())
+        (claims.add if on else claims.discard)(what)
+
+    def _block_dir(self, name):
+        return os.path.realpath(os.path.join(self.sys, "class/block", name))
+
+    # -- what tests do to the host ----------------------------------------------------------
+
+    def hold_open(self, device):
+        """A process opens ``/dev/<name>`` with O_EXCL and keeps it open."""
+        self._inuse()["open"].add(os.path.basename(device))
+
+    def hang_open(self, device):
+        """An open of ``/dev/<name>`` does not return (its I/O queues: no path serves it)."""
+        self._inuse()["hang"].add(os.path.basename(device))
+
+    def release(self, device):
+        """Undo ``hold_open`` and ``hang_open``."""
+        self._inuse()["open"].discard(os.path.basename(device))
+        self._inuse()["hang"].discard(os.path.basename(device))
+
+    def add_holder(self, name, holder):
+        """``holder`` (``dm-3``, ``md127``) is stacked on block device ``name``."""
+        holders = os.path.join(self._block_dir(name), "holders")
+        os.makedirs(holders, exist_ok=True)
+        os.symlink("../../" + holder, os.path.join(holders, holder))
+        self._claim(name, ("holder", holder))
+
+    def remove_holder(self, name, holder):
+        _unlink(os.path.join(self._block_dir(name), "holders", holder))
+        self._claim(name, ("holder", holder), on=False)
+
+    def add_partition(self, name, number):
+        """Partition ``number`` of disk ``name`` appears (``nvme0n1p1``); returns its name."""
+        part = "%sp%d" % (name, number)
+        d = os.path.join(self._block_dir(name), part)
+        link = os.path.relpath(d, os.path.join(self.sys, "class/block"))
+        self._make_block(d, part, {"partition": str(number), "size": "2048"}, link)
+        self._inuse()["parts"][part] = name
+        return part
+
+    def mount(self, name, mountpoint):
+        """Mount the filesystem on block device ``name`` at ``mountpoint``."""
+        with open(os.path.join(self._block_dir(name), "dev")) as f:
+            devnum = f.read().strip()
+        path = os.path.join(self.root, "proc/self/mountinfo")
+        lines = _lines(path)
+        lines.append("%d 1 %s / %s rw,relatime shared:1 - ext4 /dev/%s rw" % (
+            100 + len(lines), devnum, _escape(mountpoint), name))
+        _write(path, "\n".join(lines))
+        self._claim(name, ("mount", mountpoint))
+
+    def unmount(self, mountpoint):
+        path = os.path.join(self.root, "proc/self/mountinfo")
+        lines = _lines(path)
+        mine = [i for i, line in enumerate(lines) if line.split()[4] == _escape(mountpoint)]
+        if mine:
+            name = os.path.basename(lines.pop(mine[-1]).split(" - ", 1)[1].split()[1])
+            _write(path, "\n".join(lines))
+            if len(mine) == 1:
+                self._claim(name, ("mount", mountpoint), on=False)
+
+    def swapon(self, name):
+        path = os.path.join(self.root, "proc/swaps")
+        lines = _lines(path) or ["Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority"]
+        lines.append("/dev/%s\t\t\t\tpartition\t2096124\t\t0\t\t-2" % name)
+        _write(path, "\n".join(lines))
+        self._claim(name, ("swap",))
+
+    # -- the fake kernel ---------------------------------------------------------------------
+
+    def exclusive_busy(self, devices):
+        """As the daemon's: {device: reason} for the devices an O_EXCL open fails on; a
+        device that is not a connected namespace (``/dev/nvmeXnY``) refuses the call."""
+        self._count("exclusive_busy")
+        for device in devices:
+            if not device.startswith("/dev/") or self._identity_of(device) is None:
+                raise PrivilegedArgumentError("not an NVMe-oF namespace: %r" % (device,))
+        state = self._inuse()
+        busy = {}
+        if any(os.path.basename(d) in state["hang"] for d in devices):
+            self.clock.sleep(EXCLUSIVE_TIMEOUT)       # the daemon waits this long, then answers
+        for device in devices:
+            name = os.path.basename(device)
+            if name in state["hang"]:
+                busy[device] = "open did not return within %gs" % EXCLUSIVE_TIMEOUT
+                continue
+            parts = [p for p, disk in state["parts"].items() if disk == name]
+            if name in state["open"] or any(state["claims"].get(n) for n in [name] + parts):
+                busy[device] = BUSY
+        return busy
+
+
+def _lines(path):
+    try:
+        with open(path) as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def _escape(path):
+    """As the kernel shows a path in /proc: space, tab, newline and backslash in octal."""
+    return "".join("\\%03o" % ord(c) if c in " \t\n\\" else c for c in path)

@@ -418,8 +418,10 @@ class Attacher:
         return errors
 
     def _in_use(self, target, snap):
-        """{device name: reason} for the subsystem's namespaces in use on this host."""
-        return {}
+        """{device name: reason} for the subsystem's namespaces in use on this host (mounted,
+        held, swap: what sysfs and mountinfo show; the daemon also tries an exclusive open)."""
+        from nvmeof_mp import inuse
+        return inuse.in_use(self.root, sorted({n.name for n in snap.namespaces(target.nqn)}))
 
     def _flush(self, target, ns, snap, force):
         """Flush the device, or say why not: with no usable path the flush could only queue

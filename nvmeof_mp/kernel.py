@@ -126,10 +126,6 @@ class Kernel(abc.ABC):
         store = self._store()
         return store.reconcile(self.root, store.current_boot_id(self.root))
 
-    def exclusive_busy(self, devices) -> dict:
-        """{device: reason} for the devices something holds open exclusively."""
-        return {}
-
     # md RAID1 and dm-multipath: each returns {'ok', 'out', 'error'} unless said otherwise
 
     @abc.abstractmethod

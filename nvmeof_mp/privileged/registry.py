@@ -305,8 +305,8 @@ def registry_release(key, nqn, host_nqn, controllers, devices, drop=False):
         raise PrivilegedArgumentError("controllers and devices must be lists")
     names = [nvme.subsystem_controller(c, nqn, host_nqn) for c in controllers]
     devs = [host.fabrics_namespace(d) for d in devices]
-    return release("/", key, nqn, host_nqn, names, devs, nvme.delete, host.busy_devices_bounded,
-                   drop)
+    return release("/", key, nqn, host_nqn, names, devs, nvme.delete,
+                   lambda found: host.busy_devices(found, host.EXCLUSIVE_TIMEOUT), drop)
 
 
 @privileged.default.entrypoint

@@ -141,8 +141,7 @@ class Registry:
                 seen = f.read().strip()
         except OSError:
             seen = None
-        if seen != store.current_boot_id(self.root) and (seen is not None or os.path.isdir(
-                os.path.join(self.base, "volumes"))):
+        if seen is not None and seen != store.current_boot_id(self.root):
             if self.kernel.registry_reconcile():
                 LOG.info("Attachment registry: records of an earlier boot removed")
         self._boot_checked = True

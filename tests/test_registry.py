@@ -162,6 +162,7 @@ def test_records_of_an_earlier_boot_are_removed_at_first_use(lab):
     lab.target(ports=(4420,))
     lab.connector.connect_volume(conninfo(portals=[P1]))
     assert len(files(lab, "volumes")) == 1
+    assert len(lab.new_connector().attachments()) == 1   # another process, the same boot
     with open(boot, "w") as f:
         f.write("boot-2\n")
     fresh = lab.new_connector()       # a process started after the reboot

@@ -72,6 +72,8 @@ def locked(root="/"):
                      os.O_NOFOLLOW, 0o600)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX)
+            if not os.path.exists(os.path.join(base, "boot_id")):
+                _stamp(base, current_boot_id(root))     # the boot these records belong to
             yield base
         finally:
             os.close(fd)         # releases the record lock
@@ -254,28 +256,29 @@ def drop(root, key):
         _drop(base, key)
 
 
+def _stamp(base, boot_id):
+    path = os.path.join(base, "boot_id")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(boot_id.strip() + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
 def reconcile(root, boot_id):
     """Records of another boot describe nothing that exists: remove them.  Returns True when
-    it did."""
+    it did.  (Every change stamps the registry with the boot it happens in.)"""
     if not isinstance(boot_id, str) or not boot_id.strip():
         return False
     with locked(root) as base:
-        path = os.path.join(base, "boot_id")
-        try:
-            with open(path) as f:
-                seen = f.read().strip()
-        except OSError:
-            seen = None
+        with open(os.path.join(base, "boot_id")) as f:
+            seen = f.read().strip()
         if seen == boot_id.strip():
             return False
         for sub in ("volumes", "secrets", "refs"):
             shutil.rmtree(os.path.join(base, sub), ignore_errors=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(boot_id.strip() + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-        return seen is not None
+        _stamp(base, boot_id)
+        return True
 
 
 def current_boot_id(root="/"):

@@ -347,3 +347,15 @@ def test_heal_all_re_adds_a_failed_raid_leg_and_says_so(lab):
     assert lab.sim.md["vol1"]["legs"]["/dev/nvme1n1"] == "active"
     assert "md legs re-added: /dev/nvme1n1" in lab.connector.attachments()[0]["events"][-1][1]
     lab.connector.disconnect_volume(raid_info(), None)
+
+
+def test_root_heals_an_authenticated_volume_with_its_stored_secret(lab):
+    lab.target(ports=(4420,))
+    lab.sim.secrets[NQN] = SECRET                  # the target authenticates the host
+    info = conninfo(portals=[P1], dhchap_secret=SECRET)
+    lab.connector.connect_volume(info)
+    for name in lab.sim.controllers(NQN):
+        lab.sim.expire(name)
+    [entry] = lab.new_connector().heal_all()       # the timer: knows only the registry
+    assert entry["action"] == "healed" and entry["verdicts"] == ["healthy"]
+    lab.connector.disconnect_volume(info, None)

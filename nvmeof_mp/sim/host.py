@@ -138,6 +138,7 @@ class SimHost(SimStorage, SimInUse, Kernel):
         self.minors = itertools.count()
         self.shown = {}               # uuid/nguid -> {nqn: number of controllers showing it}
         self.flush_error = None
+        self.secrets = {}             # nqn -> the DH-HMAC-CHAP host key the target requires
         self.flush_hangs = set()      # device paths whose flush never completes
         self.log = []                 # kernel messages, like dmesg
         self.lock = threading.RLock()
@@ -259,6 +260,9 @@ class SimHost(SimStorage, SimInUse, Kernel):
             if portal is None or portal.mode == "refuse":
                 return {"error": "Failed to write to /dev/nvme-fabrics: Connection refused",
                         "errno": errnolib.ECONNREFUSED, "already": False}
+            if self.secrets.get(opts["nqn"]) not in (None, opts.get("dhchap_secret")):
+                return {"error": "Failed to write to /dev/nvme-fabrics: Key was rejected by "
+                        "service", "errno": errnolib.EKEYREJECTED, "already": False}
             if portal.mode != "timeout":
                 return self._connected(target, portal, hostnqn, opts)
         self.clock.sleep(3.0)

@@ -126,15 +126,20 @@ class Attacher:
         host_nqn, host_id = self.identity(target)
         with subsystem_lock(target.nqn, host_nqn, self.lock_path):
             snap = self.sysfs.snapshot([target.nqn])
+            hold = None
             if self.registry is not None and key is not None:
-                self._claim(target, snap, host_nqn, key, pending)
+                hold = self._claim(target, snap, host_nqn, key, pending)
             plan = planner.plan_connect(target, snap, host_nqn, all_portals)
+            if hold is not None and not plan.connect:
+                self.kernel.registry_hold(**hold)
+                hold = None
             LOG.debug("Plan for %s: reuse %s, connect %s, rescan %s", target.describe(),
                       [(str(p), c) for p, c in plan.reuse], [str(p) for p in plan.connect],
                       plan.rescan)
             progress = _Progress()
             try:
-                attachment = self._attach(snap, plan, host_nqn, host_id, replica_leg, progress)
+                attachment = self._attach(snap, plan, host_nqn, host_id, replica_leg, progress,
+                                          hold)
             except BaseException:
                 self._undo(snap, plan, host_nqn, progress)
                 raise
@@ -152,14 +157,14 @@ class Attacher:
             # attached before the registry knew it (an older release, os-brick): adopted
             pending[0]["state"] = "attached"
             pending[0]["adopted"] = True
-        self.registry.claim(key, target.nqn, host_nqn, bool(ctrls), pending)
+        return self.registry.claim(key, target.nqn, host_nqn, bool(ctrls), pending)
 
-    def _attach(self, before, plan, host_nqn, host_id, replica_leg, progress):
+    def _attach(self, before, plan, host_nqn, host_id, replica_leg, progress, hold=None):
         target = plan.target
         if plan.rescan:
             self.kernel.rescan_controllers(plan.rescan)
         self._apply_policy(before, plan, replica_leg)
-        failures = self._connect(plan, host_nqn, host_id, replica_leg, before, progress)
+        failures = self._connect(plan, host_nqn, host_id, replica_leg, before, progress, hold)
         if not plan.reuse and not progress.created and not any(
                 isinstance(f, AlreadyConnected) for f in failures):
             raise TargetUnreachable(target.nqn, failures)
@@ -218,11 +223,12 @@ class Attacher:
             return target.host_nqn, volume_host_id(target.host_nqn, host_id)
         return host_nqn, host_id
 
-    def _connect(self, plan, host_nqn, host_id, replica_leg, before, progress):
+    def _connect(self, plan, host_nqn, host_id, replica_leg, before, progress, hold=None):
         """Connect the planned portals: all together (one kernel call for all of them), or
         one after another until one works.  Controller names go to ``progress.created`` as
         soon as they are known; a call that raised leaves its portals in ``progress.in_doubt``
-        and the exception goes up (the attach is undone)."""
+        and the exception goes up (the attach is undone).  ``hold``: the registry hold that
+        goes with the first connect call."""
         if not plan.connect:
             return []
         options = self.policy.controller_options(replica_leg)
@@ -232,7 +238,7 @@ class Attacher:
                     for p in plan.connect]
             progress.in_doubt[:] = plan.connect
             try:
-                replies = self.kernel.connect_all(opts)
+                replies = self.kernel.connect_all(opts, hold=hold)
             except NVMeOFError as e:
                 replies = [e] * len(opts)
             progress.in_doubt.clear()
@@ -246,9 +252,10 @@ class Attacher:
                 opts = self._connect_opts(target, portal, host_nqn, host_id, options)
                 progress.in_doubt[:] = [portal]
                 try:
-                    reply = self.kernel.connect(opts)
+                    reply = self.kernel.connect(opts, hold=hold)
                 except NVMeOFError as e:
                     reply = e
+                hold = None
                 progress.in_doubt.clear()
                 results += self._name_unknown(target, before, host_nqn, [portal],
                                               [self._outcome(target, portal, reply)], progress)

@@ -30,14 +30,18 @@ class Kernel(abc.ABC):
             self.calls[name] += 1
 
     @abc.abstractmethod
-    def connect(self, opts: dict) -> dict:
-        """Create a controller.  -> {'controller': 'nvmeN'} or {'error', 'errno', 'already'}."""
+    def connect(self, opts: dict, hold=None) -> dict:
+        """Create a controller.  -> {'controller': 'nvmeN'} or {'error', 'errno', 'already'}.
+        ``hold``: ``registry_hold``'s arguments, applied in the same call before connecting
+        (the volume's record is written before its first controller exists)."""
 
-    def connect_all(self, opts_list: list) -> list:
+    def connect_all(self, opts_list: list, hold=None) -> list:
         """Create one controller per option set, all in flight together; replies in order
         (an exception in place of a reply when one connect raised)."""
         from nvmeof_mp import threads
         from nvmeof_mp.exception import NVMeOFError
+        if hold is not None:
+            self._store().hold(self.root, **hold)
 
         def one(opts):
             try:
@@ -185,24 +189,24 @@ class PrivilegedKernel(Kernel):
         privileged.ensure_started()
         super()._count(name)
 
-    def connect(self, opts):
+    def connect(self, opts, hold=None):
         from nvmeof_mp.privileged import nvme
         self._count("connect")
         with _connect_slots:
-            return nvme.connect_portal(opts, self.connect_method)
+            return nvme.connect_portal(opts, self.connect_method, hold)
 
-    def connect_all(self, opts_list):
+    def connect_all(self, opts_list, hold=None):
         """One privileged call for every portal of an attach (the daemon queues the writes
         behind earlier attaches', see ``privileged.nvme``)."""
         from nvmeof_mp.privileged import nvme
         if len(opts_list) == 1:
-            return [self.connect(opts_list[0])]
+            return [self.connect(opts_list[0], hold)]
         replies = []
         for i in range(0, len(opts_list), nvme.MAX_PORTALS):
             self._count("connect_all")
             with _connect_slots:
                 replies += nvme.connect_portals(list(opts_list[i:i + nvme.MAX_PORTALS]),
-                                                self.connect_method)
+                                                self.connect_method, hold if i == 0 else None)
         return replies
 
     def delete_controller(self, name):

@@ -179,14 +179,16 @@ class Registry:
         return rec
 
     def claim(self, key, nqn, host_nqn, controllers_exist, pending=None):
-        """Hold (nqn, host_nqn) for volume ``key``; called under the subsystem lock, before any
-        controller is made.  The reference is *adopted* when the subsystem's controllers
-        predate every reference (made by an older release, os-brick or by hand): its
-        controllers are then only deleted when the subsystem shows no other namespace.
-        ``pending``: (record, secrets) written in the same call."""
+        """The arguments of ``Kernel.registry_hold`` that hold (nqn, host_nqn) for volume
+        ``key``, or None when it holds it already (and no record is pending).  Called under
+        the subsystem lock, before any controller is made; the hold goes with the first
+        connect call (one privileged call), or alone when nothing is to be connected.
+        The reference is *adopted* when the subsystem's controllers predate every reference
+        (made by an older release, os-brick or by hand): they are then only deleted when the
+        subsystem shows no other namespace.  ``pending``: (record, secrets) written with it."""
         own = self.ref(key, nqn, host_nqn)
         if own is not None and pending is None:
-            return
+            return None
         others = self.users(nqn, host_nqn, but=key)
         if own is not None:
             adopted = bool(own.get("adopted"))
@@ -195,7 +197,8 @@ class Registry:
         else:
             adopted = bool(controllers_exist)
         rec, secrets = pending if pending is not None else (None, None)
-        self.kernel.registry_hold(key, nqn, host_nqn, adopted, owner(), rec, secrets)
+        return {"key": key, "nqn": nqn, "host_nqn": host_nqn, "adopted": adopted,
+                "owner": owner(), "record": rec, "secret_info": secrets}
 
     def drop(self, key):
         self.kernel.registry_drop(key)

@@ -196,12 +196,12 @@ def dying_daemon(lab, when="after", ports=None):
     controller; the reply is lost either way (oslo.privsep raises OSError)."""
     real = lab.sim.connect
 
-    def connect(opts):
+    def connect(opts, hold=None):
         if ports is None or int(opts["trsvcid"]) in ports:
             if when == "after":
-                real(opts)
+                real(opts, hold)
             raise OSError(DAEMON_DIED)
-        return real(opts)
+        return real(opts, hold)
     lab.sim.connect = connect
 
 
@@ -230,7 +230,7 @@ def test_unknown_controller_name_in_a_reply_is_found_and_used(make_lab):
     lab = make_lab(use_multipath=False)
     lab.target()
     real = lab.sim.connect
-    lab.sim.connect = lambda opts: dict(real(opts), controller=None)
+    lab.sim.connect = lambda opts, hold=None: dict(real(opts, hold), controller=None)
     result = lab.connector.connect_volume(conninfo())
     assert result["path"] == "/dev/nvme0n1"
     assert lab.sim.controllers() == ["nvme0"] and lab.sim.calls["connect"] == 1
@@ -240,7 +240,7 @@ def test_unknown_controller_name_is_cleaned_up_when_the_attach_fails(make_lab):
     lab = make_lab(use_multipath=False)
     lab.target().hidden_nsids.add(1)                # the namespace never shows up
     real = lab.sim.connect
-    lab.sim.connect = lambda opts: dict(real(opts), controller=None)
+    lab.sim.connect = lambda opts, hold=None: dict(real(opts, hold), controller=None)
     with pytest.raises(VolumeDeviceNotFound):
         lab.connector.connect_volume(conninfo())
     assert lab.sim.controllers() == []
@@ -253,8 +253,8 @@ def test_unreadable_kernel_reply_after_the_controller_was_made_is_not_a_leak(mak
     target = lab.target()
     real = lab.sim.connect
 
-    def connect(opts):
-        real(opts)
+    def connect(opts, hold=None):
+        real(opts, hold)
         return {"error": "unexpected reply ''", "errno": None, "already": False}
     lab.sim.connect = connect
     result = lab.connector.connect_volume(conninfo())

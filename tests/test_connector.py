@@ -18,9 +18,8 @@ def test_native_multipath_attach_connects_each_portal_once_and_nothing_else(lab)
     result = lab.connector.connect_volume(conninfo())
     assert result["type"] == "block" and result["path"] == "/dev/nvme0n1"
     # one kernel call for both portals, one controller creation per portal; the registry:
-    # "attaching" with the subsystem's reference before connecting, "attached" after
-    assert dict(lab.sim.calls) == {"connect_all": 1, "connect": 2, "registry_hold": 1,
-                                   "registry_put": 1}
+    # "attaching" with the subsystem's reference in that same call, "attached" after
+    assert dict(lab.sim.calls) == {"connect_all": 1, "connect": 2, "registry_put": 1}
     assert [p["state"] for p in result["paths"]] == ["live", "live"]
     assert result["degraded"] is False
     assert lab.sim.controllers(NQN) == ["nvme0", "nvme1"]

@@ -242,7 +242,7 @@ def test_connect_calls_in_flight_are_capped_below_the_daemon_threads(monkeypatch
     monkeypatch.setattr(privileged, "ensure_started", lambda: None)
     inside, most, lock, release = [0], [0], threading.Lock(), threading.Event()
 
-    def connect_portals(opts_list, method):
+    def connect_portals(opts_list, method, hold=None):
         with lock:
             inside[0] += 1
             most[0] = max(most[0], inside[0])
@@ -266,3 +266,20 @@ def test_connect_calls_in_flight_are_capped_below_the_daemon_threads(monkeypatch
         t.join(10)
     assert most[0] == kernel.CONNECT_CALLS_IN_FLIGHT < privileged.DAEMON_THREADS
     assert k.calls["connect_all"] == 40
+
+
+def test_a_hold_given_with_a_connect_is_written_first_and_a_bad_one_connects_nothing(
+        monkeypatch):
+    from nvmeof_mp.privileged import registry
+    order = []
+    monkeypatch.setattr(registry, "hold", lambda root, **kw: order.append(("hold", kw["key"])))
+    monkeypatch.setattr(nvme, "_connect", lambda opts, method: order.append(("connect",)) or {
+        "controller": "nvme0"})
+    hold = {"key": "ns:x", "nqn": GOOD["nqn"], "host_nqn": GOOD["nqn"], "adopted": False,
+            "owner": {}, "record": None, "secret_info": None}
+    assert nvme.connect_many([GOOD], "fabrics", hold) == [{"controller": "nvme0"}]
+    assert order == [("hold", "ns:x"), ("connect",)]
+    order.clear()
+    with pytest.raises(PrivilegedArgumentError, match="hold"):
+        nvme.connect_many([GOOD], "fabrics", dict(hold, path="/etc/passwd"))
+    assert order == []

@@ -208,10 +208,10 @@ class Boom(RuntimeError):
 def failing(sim, name, when=lambda *a: True):
     real = getattr(sim, name)
 
-    def call(*args):
+    def call(*args, **kwargs):
         if when(*args):
             raise Boom("%s exploded" % name)
-        return real(*args)
+        return real(*args, **kwargs)
     setattr(sim, name, call)
 
 

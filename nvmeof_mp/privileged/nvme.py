@@ -104,27 +104,34 @@ def fabrics_controller(name):
 
 
 @privileged.default.entrypoint
-def connect_portal(opts, method="nvme-cli"):
+def connect_portal(opts, method="nvme-cli", hold=None):
     """Create one fabrics controller.  Returns {'controller': 'nvmeN'} or {'error', 'errno',
     'already'}.  fast_io_fail_tmo is applied in the same call when the tool lacks the option.
+    ``hold``: see ``connect_portals``.
     """
-    return connect_many([opts], method)[0]
+    return connect_many([opts], method, hold)[0]
 
 
 @privileged.default.entrypoint
-def connect_portals(opts_list, method="nvme-cli"):
+def connect_portals(opts_list, method="nvme-cli", hold=None):
     """Create one controller per portal of one attach: one privileged call instead of one
     per portal.  Every option set is validated before anything is connected; fabrics writes
     queue first-come first-served (``_FABRICS_TURN``), nvme-cli processes run concurrently;
-    replies come in the order given, as connect_portal's."""
-    return connect_many(opts_list, method)
+    replies come in the order given, as connect_portal's.
+    ``hold``: ``registry.hold``'s arguments (the volume's reference to the subsystem and its
+    "attaching" record), written first, after the options are validated: the record is on
+    disk before the first controller exists, and an attach costs no extra round trip."""
+    return connect_many(opts_list, method, hold)
 
 
-def connect_many(opts_list, method):
+def connect_many(opts_list, method, hold=None):
     if not isinstance(opts_list, (list, tuple)) or not 1 <= len(opts_list) <= MAX_PORTALS:
         raise PrivilegedArgumentError("between 1 and %d portals per call" % MAX_PORTALS)
     validated = [connect_options(o) for o in opts_list]
     method = connect_method(method)
+    if hold is not None:
+        from nvmeof_mp.privileged import registry
+        registry.hold_checked(hold)
     if all(_via_fabrics(o, method) for o in validated):
         with _FABRICS_TURN:     # the kernel would serialize these writes anyway
             return [_connect(o, method) for o in validated]

@@ -301,6 +301,17 @@ def registry_hold(key, nqn, host_nqn, adopted, owner, record=None, secret_info=N
     hold("/", key, nqn, host_nqn, adopted, owner, record, secret_info)
 
 
+HOLD_KEYS = ("key", "nqn", "host_nqn", "adopted", "owner", "record", "secret_info")
+
+
+def hold_checked(args):
+    """``registry_hold`` given as a dict (with a connect call)."""
+    if not isinstance(args, dict) or set(args) - set(HOLD_KEYS) or not {
+            "key", "nqn", "host_nqn"} <= set(args):
+        raise PrivilegedArgumentError("a hold is a dict of %s" % ", ".join(HOLD_KEYS))
+    hold("/", **args)
+
+
 @privileged.default.entrypoint
 def registry_release(key, nqn, host_nqn, controllers, devices, drop=False):
     from nvmeof_mp.privileged import host, nvme

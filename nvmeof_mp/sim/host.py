@@ -233,14 +233,16 @@ class SimHost(SimStorage, SimInUse, Kernel):
 
     # -- Kernel interface ----------------------------------------------------------------------
 
-    def connect_all(self, opts_list):
+    def connect_all(self, opts_list, hold=None):
         """One privileged call on a real host ("connect_all"); each portal is still counted
         as a "connect" (one controller creation)."""
         self._count("connect_all")
-        return super().connect_all(opts_list)
+        return super().connect_all(opts_list, hold)
 
-    def connect(self, opts):
+    def connect(self, opts, hold=None):
         self._count("connect")
+        if hold is not None:
+            self._store().hold(self.root, **hold)
         if self.connect_cost:
             self.clock.sleep(self.connect_cost)
         with self.lock:

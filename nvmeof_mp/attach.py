@@ -119,10 +119,11 @@ class Attacher:
     # -- attach ------------------------------------------------------------------------------
 
     def attach(self, target: Target, all_portals: bool, replica_leg=False, key=None,
-               pending=None) -> TargetAttachment:
+               pending=None, on_connected=None) -> TargetAttachment:
         """Attach ``target``.  With ``key`` (the volume's registry key) the subsystem is held
         for that volume before anything is connected; ``pending`` is the volume's record (and
-        secrets) to write in the same call, see ``Registry.claim``."""
+        secrets) to write in the same call, see ``Registry.claim``.  ``on_connected(created)``
+        is called once the controllers are made, before the wait for the device."""
         host_nqn, host_id = self.identity(target)
         with subsystem_lock(target.nqn, host_nqn, self.lock_path):
             snap = self.sysfs.snapshot([target.nqn])
@@ -139,7 +140,7 @@ class Attacher:
             progress = _Progress()
             try:
                 attachment = self._attach(snap, plan, host_nqn, host_id, replica_leg, progress,
-                                          hold)
+                                          hold, on_connected)
             except BaseException:
                 self._undo(snap, plan, host_nqn, progress)
                 raise
@@ -159,7 +160,8 @@ class Attacher:
             pending[0]["adopted"] = True
         return self.registry.claim(key, target.nqn, host_nqn, bool(ctrls), pending)
 
-    def _attach(self, before, plan, host_nqn, host_id, replica_leg, progress, hold=None):
+    def _attach(self, before, plan, host_nqn, host_id, replica_leg, progress, hold=None,
+                on_connected=None):
         target = plan.target
         if plan.rescan:
             self.kernel.rescan_controllers(plan.rescan)
@@ -168,6 +170,8 @@ class Attacher:
         if not plan.reuse and not progress.created and not any(
                 isinstance(f, AlreadyConnected) for f in failures):
             raise TargetUnreachable(target.nqn, failures)
+        if on_connected is not None:
+            on_connected(tuple(progress.created))
         snap, ns = self._wait_device(target, plan.all_portals and len(target.portals) > 1,
                                      replica_leg)
         return TargetAttachment(

@@ -157,11 +157,17 @@ class NVMeOFConnector:
         joined = self._joined_path(request)
         if joined and os.path.exists(os.path.join(self.root, joined.lstrip("/"))):
             pending[0].update(state=reg.ATTACHED, adopted=True)   # made before the registry
+        early = None if request.replicated else _EarlyRecord(self.registry, pending[0])
         try:
-            result = self._connect(request, pending)
+            result = self._connect(request, pending, early)
         except BaseException:
+            if early is not None:
+                early.join()
             self._attach_failed(key, pending[0])
             raise
+        if early is not None and early.join():
+            result.pop("_created", None)
+            return result
         rec = pending[0]
         created = {"controllers": sorted(set(result.pop("_created", [])) | {
             c for r in result.get("replicas") or () for c in r.get("created") or ()})}
@@ -210,9 +216,10 @@ class NVMeOFConnector:
             raise UnsupportedHost(reason="multipath is enforced but nvme_core multipath is off "
                                   "(/sys/module/nvme_core/parameters/multipath is N)")
 
-    def _connect(self, request, pending=None):
+    def _connect(self, request, pending=None, on_connected=None):
         """Attach (or heal); ``pending``: the registry record (and secrets) to write before
-        the first controller is made, None for a heal of a registered volume."""
+        the first controller is made, None for a heal of a registered volume;
+        ``on_connected``: see ``Attacher.attach`` (single target)."""
         if request.mode is Mode.RAID:
             from nvmeof_mp import raid
             return raid.connect(self, request, pending)
@@ -221,7 +228,7 @@ class NVMeOFConnector:
             return devmapper.connect(self, request, pending)
         all_portals = request.mode is Mode.MULTIPATH and self._use_native(request)
         att = self.attacher.attach(request.target, all_portals, key=request.volume_key,
-                                   pending=pending)
+                                   pending=pending, on_connected=on_connected)
         LOG.info("Attached %s at %s (%s)", request.describe(), att.device, att.summary())
         details = att.as_dict()
         return {"type": "block", "path": att.device, "degraded": details["degraded"],
@@ -343,6 +350,8 @@ class NVMeOFConnector:
                 entry["targets"] = self.get_path_status(record["connection_info"])
             except NVMeOFError as e:
                 entry["targets"], entry["error"] = [], str(e)
+            if not entry["device"] and record.get("mode") in ("single", "multipath"):
+                entry["device"] = (entry["targets"] or [{}])[0].get("device")   # found now
             out.append(entry)
         return out
 
@@ -483,6 +492,42 @@ class NVMeOFConnector:
             size = size_now()
             return size if size and size != ns.size_bytes else None
         return ns.device, ns.size_bytes, poll(grown, timeout, self.clock) or ns.size_bytes
+
+
+class _EarlyRecord:
+    """Writes a single-target volume's ``attached`` record while the attach waits for the
+    kernel to show the device (the privileged call overlaps the wait instead of following
+    it); ``join()`` -> True when it was written.  A failed attach joins it before its record
+    is dropped.  A crash between this write and the return leaves an attached record whose
+    controllers exist: kept, never rolled back under a user."""
+
+    def __init__(self, registry, record):
+        self.registry = registry
+        self.record = record
+        self.thread = None
+        self.done = False
+
+    def __call__(self, created):
+        from nvmeof_mp import registry as reg
+        rec = dict(self.record, state=reg.ATTACHED, owner=reg.owner(),
+                   created={"controllers": sorted(created)})
+        if rec.get("adopted"):
+            rec["created"] = self.record.get("created") or {}
+        reg.add_event(rec, "attached")
+
+        def write():
+            try:
+                self.registry.put(rec, None)
+                self.done = True
+            except Exception:       # noqa: BLE001 - the caller writes it again
+                LOG.exception("Writing the attached record of %s failed", rec["key"])
+        self.thread = threading.Thread(target=write, name="nvmeof-record", daemon=True)
+        self.thread.start()
+
+    def join(self):
+        if self.thread is not None:
+            self.thread.join()
+        return self.done
 
 
 def _all_healthy(reports):

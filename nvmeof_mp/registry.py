@@ -41,9 +41,15 @@ def _start_time(pid):
         return None
 
 
+_owner = {}
+
+
 def owner():
+    """This process (pid and start time; read once per process)."""
     pid = os.getpid()
-    return {"pid": pid, "start": _start_time(pid)}
+    if _owner.get("pid") != pid:
+        _owner.update(pid=pid, start=_start_time(pid))
+    return dict(_owner)
 
 
 def alive(who):

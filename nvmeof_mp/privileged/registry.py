@@ -10,9 +10,11 @@ Layout under ``<root>/var/lib/nvmeof_mp`` (root-owned, 0755)::
 
 ``<v>`` and ``<s>`` are SHA-256 prefixes of the volume key and of ``nqn|host_nqn``, made here:
 no caller names a file.  Each file is replaced atomically (a new file, then rename); a crash
-of any process leaves either the old or the new content.  Every change of the files happens
-under one lock (a thread lock, then ``lockf`` on ``<dir>/lock``), shared by the privsep daemons
-of every service on the host (nova-compute and cinder-volume each have their own daemon).
+of any process leaves either the old or the new content.  Holding and releasing a subsystem
+happen under that subsystem's lock (a thread lock, then ``lockf`` on ``locks/<s>``), shared by
+the privsep daemons of every service on the host (nova-compute and cinder-volume each have
+their own daemon): the deletes of one subsystem's controllers wait for nobody else's.  Other
+changes take ``lock``.
 
 The plain functions take ``root`` (the simulated host of the tests passes its tree); the
 entrypoints use the host's ``/`` and validate their arguments again.
@@ -38,7 +40,8 @@ RECORD_MAX = 256 * 1024          # bytes of JSON: a record is a few KiB even wit
 KEY_MAX = 1024
 BOOT_ID = "proc/sys/kernel/random/boot_id"
 
-_thread_lock = threading.Lock()
+_thread_locks = {}
+_thread_locks_lock = threading.Lock()
 
 
 def state_dir(root="/"):
@@ -64,12 +67,18 @@ def subsystem_name(nqn, host_nqn):
 
 
 @contextlib.contextmanager
-def locked(root="/"):
+def locked(root="/", subsystem=None):
+    """The registry's lock, or with ``subsystem`` (a ``subsystem_name``) that subsystem's."""
     base = state_dir(root)
     _make_dir(base, 0o755)
-    with _thread_lock:
-        fd = os.open(os.path.join(base, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC |
-                     os.O_NOFOLLOW, 0o600)
+    path = os.path.join(base, "lock")
+    if subsystem is not None:
+        _make_dir(os.path.join(base, "locks"), 0o700)
+        path = os.path.join(base, "locks", subsystem)
+    with _thread_locks_lock:
+        thread_lock = _thread_locks.setdefault(path, threading.Lock())
+    with thread_lock:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX)
             if not os.path.exists(os.path.join(base, "boot_id")):
@@ -171,7 +180,7 @@ def hold(root, key, nqn, host_nqn, adopted, owner, record=None, secret_info=None
     vname, sname = key_name(key), subsystem_name(nqn, host_nqn)
     ref = {"key": key, "nqn": nqn, "host_nqn": host_nqn, "adopted": bool(adopted),
            "owner": _json_dict(owner or {}, "owner")}
-    with locked(root) as base:
+    with locked(root, sname) as base:
         refs = os.path.join(base, "refs")
         _make_dir(refs, 0o755)
         _make_dir(os.path.join(refs, sname), 0o755)
@@ -208,7 +217,7 @@ def release(root, key, nqn, host_nqn, controllers, devices, delete, busy, drop=F
     """
     vname, sname = key_name(key), subsystem_name(nqn, host_nqn)
     out = {"deleted": [], "kept": None, "errors": []}
-    with locked(root) as base:
+    with locked(root, sname) as base:
         others = users(base, nqn, host_nqn, but=key)
         in_use = busy(list(devices)) if devices and controllers and not others else {}
         if others:
@@ -257,11 +266,16 @@ def drop(root, key):
 
 
 def _stamp(base, boot_id):
+    """Write ``boot_id`` (two writers under different locks write the same value)."""
     path = os.path.join(base, "boot_id")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(boot_id.strip() + "\n")
-    os.chmod(tmp, 0o644)
+    tmp = "%s.%d.%d.tmp" % (path, os.getpid(), threading.get_ident())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644)
+    try:
+        os.fchmod(fd, 0o644)
+        os.write(fd, (boot_id.strip() + "\n").encode())
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
 
 

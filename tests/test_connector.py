@@ -479,21 +479,6 @@ def test_wait_for_udev_accepts_booleans_and_refuses_nonsense():
 
 
 
-def test_native_portals_are_connected_concurrently(lab, monkeypatch):
-    """Both connects must be in flight together: a barrier of two would break otherwise."""
-    lab.target()
-    barrier = threading.Barrier(2, timeout=5)
-    real = lab.sim.connect
-
-    def connect(opts):
-        barrier.wait()
-        return real(opts)
-    monkeypatch.setattr(lab.sim, "connect", connect)
-    result = lab.connector.connect_volume(conninfo())
-    assert not result["degraded"] and result["failed_portals"] == []
-    assert [p["state"] for p in result["paths"]] == ["live", "live"]
-
-
 def test_light_snapshot_reads_only_what_readiness_needs(lab):
     lab.target()
     lab.connector.connect_volume(conninfo())

@@ -393,3 +393,18 @@ def test_releases_of_different_subsystems_delete_in_parallel(tmp_path):
     for w in workers:
         w.join()
     assert [r["deleted"] for r in results.values()] == [["nvme0"], ["nvme0"]]
+
+
+def test_root_heal_never_makes_lock_files_in_a_system_directory_a_record_names(lab, tmp_path):
+    system_dir = tmp_path / "etc"
+    system_dir.mkdir(mode=0o755)            # owned by root, as /etc is
+    lab.target()
+    lab.connector.connect_volume(conninfo())
+    key = connection.parse(conninfo()).volume_key
+    record = lab.connector.registry.get(key)
+    record["lock_path"] = str(system_dir)
+    lab.sim.registry_put(key, record)
+    timer = lab.new_connector(lock_path=str(tmp_path / "root-locks"))
+    assert timer.lock_path_of(record) == timer.lock_path
+    timer.heal_all()
+    assert os.listdir(system_dir) == []

@@ -29,9 +29,9 @@ def test_archive_uri_from_deb822_skips_security_and_takes_the_release_suite():
 
 
 def test_archive_uri_skips_a_disabled_stanza_and_one_without_main():
-    disabled = f"Enabled: no\nTypes: deb\nURIs: http://off.invalid/d\nSuites: bookworm\n" \
-               f"Components: main\n\nTypes: deb\nURIs: http://nomain.invalid/d\n" \
-               f"Suites: bookworm\nComponents: contrib\n"
+    disabled = "Enabled: no\nTypes: deb\nURIs: http://off.invalid/d\nSuites: bookworm\n" \
+               "Components: main\n\nTypes: deb\nURIs: http://nomain.invalid/d\n" \
+               "Suites: bookworm\nComponents: contrib\n"
     assert kernel.archive_uri([disabled, DEB822]) == ARCHIVE
 
 

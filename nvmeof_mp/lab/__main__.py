@@ -115,6 +115,23 @@ def cmd_demo(args) -> int:
     return _report(result, t0)
 
 
+#: ``gate --matrix``, the CI split (one VM each; fits 30 min on 2 cores with the fast suite):
+#: (kernel, nvme_core multipath, smoke tests only).  6.1 (Debian 12, the deployment target)
+#: runs everything in both settings, 6.12 everything with native multipath and the smoke
+#: tests without; 5.10 and 7.2, the oldest and newest, the smoke tests in one setting each:
+#: 5.10 without native multipath (dm-multipath's era), 7.2 with it.
+CI_MATRIX = (("6.1", "Y", False), ("6.1", "N", False), ("6.12", "Y", False),
+             ("6.12", "N", True), ("5.10", "N", True), ("7.2", "Y", True))
+
+
+def gate_runs(args) -> list:
+    """(kernel, multipath, smoke) per VM: the CI matrix, or kernels x settings."""
+    if args.matrix:
+        return list(CI_MATRIX)
+    settings = [args.nvme_multipath] if args.nvme_multipath else ["Y", "N"]
+    return [(v, mp, args.smoke) for v in _kernels(args) for mp in settings]
+
+
 def cmd_gate(args) -> int:
     """The gate suite in one VM per kernel and nvme_core multipath setting; fails if any fails.
 
@@ -125,30 +142,30 @@ def cmd_gate(args) -> int:
     """
     from . import vm
     t0 = time.monotonic()
-    kernels = _kernels(args)
-    for version in kernels:
+    for version in dict.fromkeys(v for v, _, _ in gate_runs(args)):
         vm.prepare(version=version)
     rcs = {}
-    settings = [args.nvme_multipath] if args.nvme_multipath else ["Y", "N"]
     passes = ["user", "root"] if args.passes == "both" else [args.passes]
     extra = [a for a in args.pytest_args if a != "--"]
-    for version in kernels:
-        for mp in settings:
-            what = "smoke tests" if args.smoke else "passes"
-            print(f"lab: gate on kernel {version} with nvme_core multipath={mp}, {what}: "
-                  f"{', '.join(passes)}", file=sys.stderr, flush=True)
-            cmd = _guest_module_argv("_guest-gate", "--passes", ",".join(passes),
-                                     *(["--only", "smoke"] if args.smoke else []), "--", *extra)
-            kwargs = dict(_vm_kwargs(args), modprobe_options={"nvme_core": f"multipath={mp}"},
-                          kernel_version=version)
-            kwargs["env"] = {"PYTHONDONTWRITEBYTECODE": "1"}
-            t1 = time.monotonic()
-            result = vm.run_in_vm(cmd, **kwargs)
-            key = f"kernel {version} multipath={mp}"
-            rcs[key] = (_report(result, t0), time.monotonic() - t1)
-            for name in ("gate-passes.txt", "gate-metrics.txt"):
-                if (result.out_dir / name).exists():
-                    print((result.out_dir / name).read_text(), end="", file=sys.stderr)
+    for version, mp, smoke in gate_runs(args):
+        what = "smoke tests" if smoke else "passes"
+        print(f"lab: gate on kernel {version} with nvme_core multipath={mp}, {what}: "
+              f"{', '.join(passes)}", file=sys.stderr, flush=True)
+        cmd = _guest_module_argv("_guest-gate", "--passes", ",".join(passes),
+                                 *(["--only", "smoke"] if smoke else []), "--", *extra)
+        kwargs = dict(_vm_kwargs(args), modprobe_options={"nvme_core": f"multipath={mp}"},
+                      kernel_version=version)
+        kwargs["env"] = {"PYTHONDONTWRITEBYTECODE": "1"}
+        t1 = time.monotonic()
+        result = vm.run_in_vm(cmd, **kwargs)
+        key = f"kernel {version} multipath={mp}{' smoke' if smoke else ''}"
+        rcs[key] = (_report(result, t0), time.monotonic() - t1)
+        for name in ("gate-passes.txt", "gate-metrics.txt"):
+            if (result.out_dir / name).exists():
+                print((result.out_dir / name).read_text(), end="", file=sys.stderr)
+        if (result.out_dir / "gate-results.jsonl").exists():
+            print(f"lab: per-test results {result.out_dir / 'gate-results.jsonl'}",
+                  file=sys.stderr)
     print("lab: gate results " + ", ".join(f"{k}: rc={rc} ({s:.0f}s)"
                                            for k, (rc, s) in rcs.items())
           + f" in {time.monotonic() - t0:.0f}s", file=sys.stderr)
@@ -247,6 +264,9 @@ def main(argv=None) -> int:
     p.add_argument("--passes", choices=("both", "user", "root"), default="both",
                    help="as the lab user via the root helper, as root without one, or both")
     p.add_argument("--smoke", action="store_true", help="only the tests marked smoke")
+    p.add_argument("--matrix", action="store_true",
+                   help="the CI split over all kernels (CI_MATRIX); ignores --kernel, "
+                   "--nvme-multipath and --smoke")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER)
     p.set_defaults(timeout=1800)
 

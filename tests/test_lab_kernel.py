@@ -165,3 +165,23 @@ def test_builtin_modules_are_those_without_a_module_file(tmp_path):
         (mods / "kernel" / "fs" / name).write_bytes(b"")
     k = kernel.Kernel("linux-image-" + kver, kver, tmp_path)
     assert kernel._builtin_modules(k) == {"virtio_pci"}
+
+
+def _gate_args(argv):
+    """gate_runs of the arguments ``nvmeof-mp lab gate ARGV`` parses to."""
+    from nvmeof_mp.lab import __main__ as lab
+    args = lab.parser().parse_args(["gate", *argv])
+    return lab.gate_runs(args)
+
+
+def test_gate_runs_one_vm_per_kernel_and_setting():
+    assert _gate_args(["--kernel", "6.1,6.12", "--nvme-multipath", "Y"]) == [
+        ("6.1", "Y", False), ("6.12", "Y", False)]
+    assert _gate_args(["--kernel", "7.2", "--smoke"]) == [("7.2", "Y", True), ("7.2", "N", True)]
+    assert _gate_args([]) == [("6.1", "Y", False), ("6.1", "N", False)]
+
+
+def test_gate_matrix_covers_every_kernel_and_6_1_fully():
+    runs = _gate_args(["--matrix"])
+    assert {v for v, _, _ in runs} == set(kernel.SUITES)
+    assert {("6.1", "Y", False), ("6.1", "N", False), ("6.12", "Y", False)} <= set(runs)

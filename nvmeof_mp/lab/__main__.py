@@ -227,7 +227,7 @@ def cmd_guest_run_inside(args) -> int:
     return guest.guest_run(cmd, user=args.as_user)
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m nvmeof_mp.lab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -281,8 +281,11 @@ def main(argv=None) -> int:
     p.add_argument("--as-user", action="store_true")
     p.add_argument("cmd", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_guest_run_inside)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     try:
         return args.func(args)
     except LabError as exc:

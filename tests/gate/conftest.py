@@ -91,7 +91,9 @@ def result_record(report, kernel: str, multipath: bool, as_root: bool) -> dict:
     return {"test": report.nodeid, "outcome": report.outcome, "when": report.when,
             "kernel": kernel, "nvme_multipath": "Y" if multipath else "N",
             "pass": "root" if as_root else "user", "seconds": round(report.duration, 3),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **({"reason": report.longrepr[2]} if report.skipped
+               and isinstance(report.longrepr, tuple) else {})}
 
 
 def pytest_runtest_logreport(report):

@@ -175,13 +175,17 @@ def _gate_args(argv):
 
 
 def test_gate_runs_one_vm_per_kernel_and_setting():
+    both = ("user", "root")
     assert _gate_args(["--kernel", "6.1,6.12", "--nvme-multipath", "Y"]) == [
-        ("6.1", "Y", False), ("6.12", "Y", False)]
-    assert _gate_args(["--kernel", "7.2", "--smoke"]) == [("7.2", "Y", True), ("7.2", "N", True)]
-    assert _gate_args([]) == [("6.1", "Y", False), ("6.1", "N", False)]
+        ("6.1", "Y", False, both), ("6.12", "Y", False, both)]
+    assert _gate_args(["--kernel", "7.2", "--smoke", "--passes", "user"]) == [
+        ("7.2", "Y", True, ("user",)), ("7.2", "N", True, ("user",))]
+    assert _gate_args([]) == [("6.1", "Y", False, both), ("6.1", "N", False, both)]
 
 
 def test_gate_matrix_covers_every_kernel_and_6_1_fully():
     runs = _gate_args(["--matrix"])
-    assert {v for v, _, _ in runs} == set(kernel.SUITES)
-    assert {("6.1", "Y", False), ("6.1", "N", False), ("6.12", "Y", False)} <= set(runs)
+    assert {run[0] for run in runs} == set(kernel.SUITES)
+    both = ("user", "root")
+    assert {("6.1", "Y", False, both), ("6.1", "N", False, both),
+            ("6.12", "Y", False, both)} <= set(runs)

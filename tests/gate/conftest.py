@@ -34,6 +34,15 @@ SMOKE_TESTS = frozenset({
     "test_registry_shared_subsystem_last_volume_takes_the_controllers",
     "test_nvme_detach_with_every_path_dead_fails_fast_or_forces",
 })
+#: Known failures on a kernel: (tests, first kernel (major, minor) without it, reason).
+#: strict xfail, so the day the cause is fixed the XPASS fails and the entry goes.
+KERNEL_XFAILS = (
+    ({"test_raid1_with_leg_failure_during_io", "test_dm_multipath_over_replicas",
+      "test_dm_multipath_over_native_multipath_replicas"}, (5, 11),
+     "library defect on 5.10: RAID1/dm replica legs are connected with fast_io_fail_tmo "
+     "(leg_fast_io_fail_tmo, default 1), an option the 5.10 nvme_fabrics rejects ('unknown "
+     "parameter', EINVAL), so no leg attaches; there is no fallback without the option"),
+)
 #: per-test outcomes (JSON lines) in the run directory, for the coverage table
 RESULTS_FILE = "gate-results.jsonl"
 
@@ -70,12 +79,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.gate)
             if item.originalname in SMOKE_TESTS:
                 item.add_marker(pytest.mark.smoke)
+            for names, fixed_in, reason in KERNEL_XFAILS:
+                if IN_LAB and item.originalname in names and kernel_version() < fixed_in:
+                    item.add_marker(pytest.mark.xfail(reason=reason, strict=True))
             if not IN_LAB:
                 item.add_marker(pytest.mark.skip(reason="gate tests run in the lab VM"))
             for mark, wanted in (("native", True), ("no_native", False)):
                 if item.get_closest_marker(mark) and native_multipath() != wanted:
                     item.add_marker(pytest.mark.skip(
                         reason="needs nvme_core multipath=%s" % ("Y" if wanted else "N")))
+
+
+def kernel_version(release=None) -> tuple:
+    """(major, minor) of the running kernel: ``5.10.0-32-amd64`` -> (5, 10)."""
+    major, minor = (release or os.uname().release).split(".")[:2]
+    return int(major), int(minor.split("-")[0])
 
 
 def pytest_configure(config):
@@ -93,7 +111,8 @@ def result_record(report, kernel: str, multipath: bool, as_root: bool) -> dict:
             "pass": "root" if as_root else "user", "seconds": round(report.duration, 3),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **({"reason": report.longrepr[2]} if report.skipped
-               and isinstance(report.longrepr, tuple) else {})}
+               and isinstance(report.longrepr, tuple) else {}),
+            **({"xfail": report.wasxfail} if hasattr(report, "wasxfail") else {})}
 
 
 def pytest_runtest_logreport(report):

@@ -72,7 +72,8 @@ def record(line):
     out = os.environ.get("NVMEOF_MP_LAB_OUT")
     if out:
         with open(os.path.join(out, "gate-metrics.txt"), "a") as f:
-            f.write("multipath=%s %s\n" % ("Y" if native_multipath() else "N", line))
+            f.write("kernel=%s multipath=%s %s\n" % (
+                os.uname().release, "Y" if native_multipath() else "N", line))
 
 
 def booted_multipath():

@@ -13,6 +13,7 @@ before connecting did not show (the lock keeps other users of this library out m
 from __future__ import annotations
 
 import dataclasses
+import errno as errnolib
 import uuid
 
 from oslo_log import log as logging
@@ -99,6 +100,22 @@ class _Progress:
 
     created: list = dataclasses.field(default_factory=list)       # controller names
     in_doubt: list = dataclasses.field(default_factory=list)      # portals, reply lost
+
+
+def _auth_hint(target: Target, reason, errno):
+    """What a DH-HMAC-CHAP refusal means, for the operator (never the key itself).  nvme-cli
+    gives its exit status, not the errno: its text tells then."""
+    if errno == errnolib.ENOKEY or "Required key not available" in reason:
+        if not target.dhchap_secret:
+            return (" (DH-HMAC-CHAP: the target requires authentication and the connection "
+                    "info has no dhchap_secret)")
+        return " (DH-HMAC-CHAP: a key the target requires is missing)"
+    if errno == errnolib.EKEYREJECTED or "Key was rejected" in reason:
+        if target.dhchap_ctrl_secret:
+            return (" (DH-HMAC-CHAP: the target rejected dhchap_secret for this host NQN, or "
+                    "the controller failed authentication against dhchap_ctrl_secret)")
+        return " (DH-HMAC-CHAP: the target rejected dhchap_secret for this host NQN)"
+    return ""
 
 
 class Attacher:
@@ -322,7 +339,8 @@ class Attacher:
             return _Unnamed("connected, but the reply names no controller")
         if reply.get("error") and reply.get("errno") is None:
             return _Unnamed(reply["error"])
-        return PortalConnectError(portal, reply.get("error") or "unknown error",
+        reason = reply.get("error") or "unknown error"
+        return PortalConnectError(portal, reason + _auth_hint(target, reason, reply.get("errno")),
                                   reply.get("errno"))
 
     def _wait_device(self, target: Target, multipath: bool,

@@ -22,6 +22,7 @@ from nvmeof_mp import plan as planner
 from nvmeof_mp.connection import Portal, Target
 from nvmeof_mp.exception import (AlreadyConnected, DetachAborted, NVMeOFError, PortalConnectError,
                                  TargetUnreachable, VolumeDeviceNotFound)
+from nvmeof_mp.hostinfo import host_authenticates
 from nvmeof_mp.locks import subsystem_lock
 from nvmeof_mp.topology import Namespace, Snapshot, can_open_rw, udev_settled
 from nvmeof_mp.waiting import poll
@@ -141,6 +142,11 @@ class Attacher:
         for that volume before anything is connected; ``pending`` is the volume's record (and
         secrets) to write in the same call, see ``Registry.claim``.  ``on_connected(created)``
         is called once the controllers are made, before the wait for the device."""
+        if (target.dhchap_secret or target.dhchap_ctrl_secret) and not host_authenticates(
+                self.root):
+            raise NVMeOFError("%s: this kernel has no NVMe host authentication "
+                              "(NVME_HOST_AUTH): it would ignore the DH-HMAC-CHAP keys and "
+                              "connect unauthenticated; refused" % target.describe())
         host_nqn, host_id = self.identity(target)
         with subsystem_lock(target.nqn, host_nqn, self.lock_path):
             snap = self.sysfs.snapshot([target.nqn])

@@ -81,3 +81,16 @@ def test_nvme_cli_method_with_a_secret_and_no_fabrics_device_refuses(monkeypatch
                                  "transport": "tcp", "dhchap_secret": SECRET})
     reply = nvme.connect_many([opts], "nvme-cli")[0]
     assert reply["errno"] == errno.ENOENT and SECRET not in reply["error"]
+
+
+def test_a_kernel_without_host_authentication_is_refused_a_secret(lab, caplog):
+    """Linux without NVME_HOST_AUTH (Debian's 6.1) takes dhchap_secret= and ignores it: the
+    volume would attach unauthenticated, a controller key unchecked.  Refused, and said why."""
+    import shutil
+    lab.target(ports=(4420,))
+    shutil.rmtree(os.path.join(lab.root, "sys/module/nvme_auth"), ignore_errors=True)
+    info = conninfo(portals=[P1], dhchap_secret=SECRET, dhchap_ctrl_secret=CTRL)
+    text = failed_attach(lab, info, caplog)
+    assert "NVME_HOST_AUTH" in text and "DH-HMAC-CHAP" in text
+    plain = lab.connector.connect_volume(conninfo(portals=[P1]))   # no secret: attaches
+    lab.connector.disconnect_volume(conninfo(portals=[P1]), plain)

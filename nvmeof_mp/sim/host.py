@@ -146,7 +146,7 @@ class SimHost(SimStorage, SimInUse, Kernel):
         self.sys = os.path.join(root, "sys")
         for d in ("devices/virtual/nvme-fabrics/ctl", "devices/virtual/nvme-subsystem",
                   "class/nvme", "class/nvme-subsystem", "class/block",
-                  "module/nvme_core/parameters", "class/dmi/id"):
+                  "module/nvme_core/parameters", "class/dmi/id", "module/nvme_auth"):
             os.makedirs(os.path.join(self.sys, d), exist_ok=True)
         os.makedirs(os.path.join(root, "dev"), exist_ok=True)
         _write(os.path.join(self.sys, "module/nvme_core/parameters/multipath"),
@@ -276,6 +276,8 @@ class SimHost(SimStorage, SimInUse, Kernel):
         """The kernel's DH-HMAC-CHAP verdict (6.12): no host key for a target that requires
         one is ENOKEY, a wrong host or controller key EKEYREJECTED; None: authenticated."""
         need, ctrl = self.secrets.get(opts["nqn"]), self.ctrl_secrets.get(opts["nqn"])
+        if not os.path.isdir(os.path.join(self.sys, "module/nvme_auth")):
+            opts = dict(opts, dhchap_secret=None, dhchap_ctrl_secret=None)  # 6.1: ignored
         if need is not None and not opts.get("dhchap_secret"):
             return {"error": "Failed to write to /dev/nvme-fabrics: Required key not available",
                     "errno": errnolib.ENOKEY, "already": False}

@@ -7,7 +7,11 @@ Host commands:
   guest-run [--as-user] -- CMD  CMD in the VM with the target agent up
   demo                          the main job on the real kernel, with progress
   gate [--passes P] [-- ARGS]   tests/gate in the VM, nvme_core multipath Y then N; in each
-                                VM as the lab user, then the root_too tests as root
+                                VM as the lab user, then the root_too tests as root;
+                                --kernel 6.1,6.12 runs it on each kernel, --smoke only
+                                the smoke tests
+Every VM command takes --kernel 5.10|6.1|6.12|7.2 (Debian's kernel of that version,
+default 6.1).
   bench [--runs N] [--only ..]  attach performance against os-brick in the VM
 Guest-side commands (run by the VM; ``_guest-*``) are internal.
 """
@@ -17,7 +21,7 @@ import sys
 import time
 
 from . import paths
-from .kernel import LabError
+from .kernel import DEFAULT_VERSION, SUITES, LabError
 
 
 def _vm_kwargs(args) -> dict:
@@ -26,7 +30,21 @@ def _vm_kwargs(args) -> dict:
         opts["nvme_core"] = f"multipath={args.nvme_multipath}"
     return {"timeout": args.timeout, "mem_mb": args.mem, "smp": args.smp,
             "kernel_args": args.kernel_args, "modprobe_options": opts,
-            "echo": not args.quiet}
+            "echo": not args.quiet, "kernel_version": _kernels(args)[0]}
+
+
+def kernel_list(text: str | None) -> list:
+    """``--kernel 6.1,6.12`` -> ['6.1', '6.12'] (checked against kernel.SUITES)."""
+    wanted = [k.strip() for k in (text or DEFAULT_VERSION).split(",") if k.strip()]
+    bad = [k for k in wanted if k not in SUITES]
+    if bad or not wanted:
+        raise LabError(f"unknown kernel {','.join(bad) or text!r}; choose from "
+                       + ", ".join(SUITES))
+    return list(dict.fromkeys(wanted))
+
+
+def _kernels(args) -> list:
+    return kernel_list(getattr(args, "kernel", None))
 
 
 def _report(result, t0: float) -> int:
@@ -47,7 +65,7 @@ def cmd_prepare(args) -> int:
     t0 = time.monotonic()
     vm.ensure_tools()
     t1 = time.monotonic()
-    kernel = vm.prepare_kernel(force=args.refresh)
+    kernel = vm.prepare_kernel(force=args.refresh, version=kernel_list(args.kernel)[0])
     t2 = time.monotonic()
     print(f"lab: tools {t1 - t0:.1f}s, kernel {t2 - t1:.1f}s: {kernel.package} "
           f"({kernel.vmlinux.parent})")
@@ -56,7 +74,7 @@ def cmd_prepare(args) -> int:
 
 def cmd_shell(args) -> int:
     from . import vm
-    vm.prepare()
+    vm.prepare(version=_kernels(args)[0])
     t0 = time.monotonic()
     result = vm.run_in_vm([], interactive=True, **_vm_kwargs(args))
     _report(result, t0)
@@ -66,7 +84,7 @@ def cmd_shell(args) -> int:
 def cmd_smoke(args) -> int:
     from . import vm
     t0 = time.monotonic()
-    vm.prepare()
+    vm.prepare(version=_kernels(args)[0])
     result = vm.run_in_vm(_guest_module_argv("_guest-smoke"), **_vm_kwargs(args))
     return _report(result, t0)
 
@@ -78,14 +96,14 @@ def cmd_guest_run(args) -> int:
         print("guest-run: no command given (guest-run [--as-user] -- CMD...)", file=sys.stderr)
         return 2
     t0 = time.monotonic()
-    vm.prepare()
+    vm.prepare(version=_kernels(args)[0])
     argv = _guest_module_argv("_guest-run", *(["--as-user"] if args.as_user else []), "--", *cmd)
     return _report(vm.run_in_vm(argv, **_vm_kwargs(args)), t0)
 
 
 def _as_user_in_vm(args, cmd, **overrides):
     from . import vm
-    vm.prepare()
+    vm.prepare(version=_kernels(args)[0])
     kwargs = dict(_vm_kwargs(args), **overrides)
     kwargs["env"] = dict(kwargs.get("env") or {}, PYTHONDONTWRITEBYTECODE="1")
     return vm.run_in_vm(_guest_module_argv("_guest-run", "--as-user", "--", *cmd), **kwargs)
@@ -97,34 +115,61 @@ def cmd_demo(args) -> int:
     return _report(result, t0)
 
 
+#: ``gate --matrix``, the CI split (one VM each; fits 30 min on 2 cores with the fast suite):
+#: (kernel, nvme_core multipath, smoke tests only).  6.1 (Debian 12, the deployment target)
+#: runs everything in both settings, 6.12 everything with native multipath and the smoke
+#: tests without; 5.10 and 7.2, the oldest and newest, the smoke tests in one setting each:
+#: 5.10 without native multipath (dm-multipath's era), 7.2 with it.
+CI_MATRIX = (("6.1", "Y", False), ("6.1", "N", False), ("6.12", "Y", False),
+             ("6.12", "N", True), ("5.10", "N", True), ("7.2", "Y", True))
+
+
+def gate_runs(args) -> list:
+    """(kernel, multipath, smoke) per VM: the CI matrix, or kernels x settings."""
+    if args.matrix:
+        return list(CI_MATRIX)
+    settings = [args.nvme_multipath] if args.nvme_multipath else ["Y", "N"]
+    return [(v, mp, args.smoke) for v in _kernels(args) for mp in settings]
+
+
 def cmd_gate(args) -> int:
-    """The gate suite in one VM per nvme_core multipath setting; fails if either fails.
+    """The gate suite in one VM per kernel and nvme_core multipath setting; fails if any fails.
 
     In each VM the suite runs as the lab user through the root helper, then its ``root_too``
     tests run again as root without a root helper (forked privsep daemon), see
-    ``guest.gate_passes``.
+    ``guest.gate_passes``.  Per-test outcomes (kernel, multipath, pass) are in each run's
+    ``gate-results.jsonl``.
     """
     from . import vm
     t0 = time.monotonic()
-    vm.prepare()
+    for version in dict.fromkeys(v for v, _, _ in gate_runs(args)):
+        vm.prepare(version=version)
     rcs = {}
-    settings = [args.nvme_multipath] if args.nvme_multipath else ["Y", "N"]
     passes = ["user", "root"] if args.passes == "both" else [args.passes]
-    for mp in settings:
-        print(f"lab: gate with nvme_core multipath={mp}, passes: {', '.join(passes)}",
-              file=sys.stderr, flush=True)
-        cmd = _guest_module_argv("_guest-gate", "--passes", ",".join(passes), "--",
-                                 *[a for a in args.pytest_args if a != "--"])
-        kwargs = dict(_vm_kwargs(args), modprobe_options={"nvme_core": f"multipath={mp}"})
+    extra = [a for a in args.pytest_args if a != "--"]
+    for version, mp, smoke in gate_runs(args):
+        what = "smoke tests" if smoke else "passes"
+        print(f"lab: gate on kernel {version} with nvme_core multipath={mp}, {what}: "
+              f"{', '.join(passes)}", file=sys.stderr, flush=True)
+        cmd = _guest_module_argv("_guest-gate", "--passes", ",".join(passes),
+                                 *(["--only", "smoke"] if smoke else []), "--", *extra)
+        kwargs = dict(_vm_kwargs(args), modprobe_options={"nvme_core": f"multipath={mp}"},
+                      kernel_version=version)
         kwargs["env"] = {"PYTHONDONTWRITEBYTECODE": "1"}
+        t1 = time.monotonic()
         result = vm.run_in_vm(cmd, **kwargs)
-        rcs[mp] = _report(result, t0)
+        key = f"kernel {version} multipath={mp}{' smoke' if smoke else ''}"
+        rcs[key] = (_report(result, t0), time.monotonic() - t1)
         for name in ("gate-passes.txt", "gate-metrics.txt"):
             if (result.out_dir / name).exists():
                 print((result.out_dir / name).read_text(), end="", file=sys.stderr)
-    print("lab: gate results " + ", ".join(f"multipath={k}: rc={v}" for k, v in rcs.items())
+        if (result.out_dir / "gate-results.jsonl").exists():
+            print(f"lab: per-test results {result.out_dir / 'gate-results.jsonl'}",
+                  file=sys.stderr)
+    print("lab: gate results " + ", ".join(f"{k}: rc={rc} ({s:.0f}s)"
+                                           for k, (rc, s) in rcs.items())
           + f" in {time.monotonic() - t0:.0f}s", file=sys.stderr)
-    return 0 if all(v == 0 for v in rcs.values()) else 1
+    return 0 if all(rc == 0 for rc, _ in rcs.values()) else 1
 
 
 OS_BRICK = "os-brick==7.1.1"     # the release measured in shared kernel facts
@@ -146,7 +191,7 @@ def cmd_bench(args) -> int:
     """Ours against os-brick on the real kernel; table on stdout, JSON in the run folder."""
     from . import vm
     t0 = time.monotonic()
-    vm.prepare()
+    vm.prepare(version=_kernels(args)[0])
     osb = osbrick_venv()
     out = "$NVMEOF_MP_LAB_OUT/bench.json"
     cmd = ["bash", "-c", f"exec {paths.venv_python()} -m nvmeof_mp.lab.bench "
@@ -172,7 +217,8 @@ def cmd_guest_gate(args) -> int:
     pytest = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
               "-o", "faulthandler_timeout=280", str(paths.project_dir() / "tests" / "gate")]
     extra = [a for a in args.pytest_args if a != "--"]
-    return guest.gate_passes(pytest, extra, passes=tuple(args.passes.split(",")))
+    return guest.gate_passes(pytest, extra, passes=tuple(args.passes.split(",")),
+                             only=args.only)
 
 
 def cmd_guest_run_inside(args) -> int:
@@ -194,12 +240,15 @@ def main(argv=None) -> int:
         p.add_argument("--nvme-multipath", choices=("Y", "N"),
                        help="nvme_core multipath module parameter")
         p.add_argument("--kernel-args", default="", help="extra kernel command line")
+        p.add_argument("--kernel", help="Debian kernel to boot: " + ", ".join(SUITES)
+                       + f" (default {DEFAULT_VERSION}); gate takes a list: 6.1,6.12")
         p.add_argument("--quiet", action="store_true", help="console only to the log file")
         p.set_defaults(func=func)
         return p
 
     p = sub.add_parser("prepare", help="install tools, fetch kernel, build initramfs")
     p.add_argument("--refresh", action="store_true", help="ask apt for a newer kernel")
+    p.add_argument("--kernel", help="kernel version: " + ", ".join(SUITES))
     p.set_defaults(func=cmd_prepare)
     vm_command("shell", cmd_shell, "interactive root shell in the VM")
     vm_command("smoke", cmd_smoke, "boot, target + 2 paths, connect/disconnect")
@@ -214,6 +263,10 @@ def main(argv=None) -> int:
     p = vm_command("gate", cmd_gate, "gate tests in the VM (multipath Y and N)")
     p.add_argument("--passes", choices=("both", "user", "root"), default="both",
                    help="as the lab user via the root helper, as root without one, or both")
+    p.add_argument("--smoke", action="store_true", help="only the tests marked smoke")
+    p.add_argument("--matrix", action="store_true",
+                   help="the CI split over all kernels (CI_MATRIX); ignores --kernel, "
+                   "--nvme-multipath and --smoke")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER)
     p.set_defaults(timeout=1800)
 
@@ -221,6 +274,7 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_guest_smoke)
     p = sub.add_parser("_guest-gate")
     p.add_argument("--passes", default="user,root")
+    p.add_argument("--only", help="marker expression narrowing both passes")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_guest_gate)
     p = sub.add_parser("_guest-run")

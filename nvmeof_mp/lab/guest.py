@@ -70,7 +70,7 @@ def guest_run(argv, *, user: bool = False) -> int:
 ROOT_MARKER = "root_too"
 
 
-def gate_passes(pytest_argv, extra_args=(), passes=("user", "root")) -> int:
+def gate_passes(pytest_argv, extra_args=(), passes=("user", "root"), only=None) -> int:
     """The gate suite in this VM: as the lab user through the root helper (as deployed with
     sudo + rootwrap), then the ``root_too`` tests as root with no root helper, where the
     library forks its privsep daemon.  One target agent serves both passes.
@@ -78,20 +78,24 @@ def gate_passes(pytest_argv, extra_args=(), passes=("user", "root")) -> int:
     ``pytest_argv`` is the pytest command without ``-m``, ``extra_args`` the caller's pytest
     options (a ``-m`` there wins).  A pass that selects nothing (pytest exit code 5) does not
     fail the gate unless every pass selects nothing.  Each pass's exit code and time go to
-    ``gate-passes.txt`` in the result share.
+    ``gate-passes.txt`` in the result share.  ``only`` (a marker expression such as
+    ``smoke``) narrows both passes.
     """
     out = os.environ.get("NVMEOF_MP_LAB_OUT")
     rcs = {}
     with target_session():
         for name in passes:
             marker = "gate" if name == "user" else "gate and " + ROOT_MARKER
+            if only:
+                marker += f" and ({only})"
             cmd = [*pytest_argv, "-m", marker, *extra_args]
             if name == "user":
                 cmd = as_user(cmd)
             print(f"gate: {name} pass: -m {marker!r}", flush=True)
             t = time.monotonic()
             rcs[name] = subprocess.run(cmd).returncode
-            line = f"gate: {name} pass rc={rcs[name]} in {time.monotonic() - t:.1f}s"
+            line = (f"gate: {name} pass rc={rcs[name]} in {time.monotonic() - t:.1f}s"
+                    f" (kernel {os.uname().release})")
             print(line, flush=True)
             if out:
                 with open(os.path.join(out, "gate-passes.txt"), "a") as f:

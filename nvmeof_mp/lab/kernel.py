@@ -36,11 +36,21 @@ class Kernel:
 
     package: str
     kver: str
-    root: Path  # dpkg -x target; lib/modules/<kver> is bind-mounted into the guest
+    root: Path  # dpkg -x target; (usr/)lib/modules/<kver> is bind-mounted into the guest
 
     @property
     def vmlinux(self) -> Path:
         return self.root.parent / "vmlinux"
+
+    @property
+    def bzimage(self) -> Path:
+        return self.root.parent / "bzImage"
+
+    @property
+    def boot_image(self) -> Path:
+        """What qemu ``-kernel`` boots: the unpacked ELF when we could make one (xz bzImage),
+        else the bzImage itself (zstd: Python cannot unpack it; the guest does)."""
+        return self.vmlinux if self.vmlinux.exists() else self.bzimage
 
     @property
     def initramfs(self) -> Path:
@@ -48,77 +58,291 @@ class Kernel:
 
     @property
     def modules_dir(self) -> Path:
-        return self.root / "lib" / "modules" / self.kver
+        # 6.12 and later ship usr/lib/modules; lib/modules is our symlink to it there
+        real = self.root / "usr" / "lib" / "modules" / self.kver
+        return real if real.is_dir() else self.root / "lib" / "modules" / self.kver
+
+    @property
+    def version(self) -> str:
+        return short_version(self.package)
 
 
 def _run(argv, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(argv, check=True, text=True, capture_output=True, **kw)
 
 
-def kernel_package() -> str:
-    """Name of the concrete kernel package apt offers now (``linux-image-X-amd64``)."""
+# ---------------------------------------------------------------- which kernel, from where
 
-    def ask() -> str | None:
+#: short kernel version -> the Debian suite whose ``linux-image-amd64`` has it
+SUITES = {"5.10": "bullseye", "6.1": "bookworm", "6.12": "trixie", "7.2": "sid"}
+#: the kernel the lab boots unless told otherwise (the host suite's, Debian 12)
+DEFAULT_VERSION = "6.1"
+_HOST_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+
+
+def short_version(package: str) -> str:
+    """``linux-image-6.12.117+deb13-amd64`` -> ``6.12``."""
+    found = re.match(r"linux-(?:image|binary|modules)-(\d+\.\d+)", package)
+    if not found:
+        raise LabError(f"not a versioned kernel package: {package}")
+    return found.group(1)
+
+
+def suite_for(version: str) -> str:
+    try:
+        return SUITES[version]
+    except KeyError:
+        raise LabError(f"unknown kernel {version!r}; choose one of "
+                       + ", ".join(SUITES)) from None
+
+
+def _deb822_stanzas(text: str):
+    stanza: dict = {}
+    key = None
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        if not line.strip():
+            if stanza:
+                yield stanza
+            stanza, key = {}, None
+        elif line[:1] in " \t" and key:
+            stanza[key] += " " + line.strip()
+        elif ":" in line:
+            key, _, value = line.partition(":")
+            key = key.strip().lower()
+            stanza[key] = value.strip()
+    if stanza:
+        yield stanza
+
+
+def _is_main_suite(suite: str) -> bool:
+    """A plain release suite (``bookworm``), not ``-security``/``-updates``/``-backports``."""
+    return bool(suite) and "-" not in suite and "/" not in suite
+
+
+def archive_uri(deb822_texts=(), list_texts=()) -> str:
+    """The URI the host's apt uses for the Debian main archive.
+
+    ``deb822_texts``: contents of ``sources.list.d/*.sources``; ``list_texts``: one-line
+    ``sources.list`` files.  The first ``deb`` entry of a plain release suite with the
+    ``main`` component wins (security and updates archives are separate URIs).
+    """
+    for text in deb822_texts:
+        for st in _deb822_stanzas(text):
+            if st.get("enabled", "yes").lower() == "no":
+                continue
+            if "deb" not in st.get("types", "").split():
+                continue
+            if "main" not in st.get("components", "").split():
+                continue
+            if any(_is_main_suite(s) for s in st.get("suites", "").split()):
+                uris = st.get("uris", "").split()
+                if uris:
+                    return uris[0].rstrip("/")
+    for text in list_texts:
+        for line in text.splitlines():
+            line = re.sub(r"\[[^\]]*\]", " ", line.split("#", 1)[0]).split()
+            if len(line) >= 4 and line[0] == "deb" and _is_main_suite(line[2]) \
+                    and "main" in line[3:]:
+                return line[1].rstrip("/")
+    raise LabError("no Debian main archive in the host's apt sources")
+
+
+def host_archive_uri(etc: Path = Path("/etc/apt")) -> str:
+    deb822 = [p.read_text() for p in sorted((etc / "sources.list.d").glob("*.sources"))]
+    lists = [p.read_text() for p in [etc / "sources.list",
+                                      *sorted((etc / "sources.list.d").glob("*.list"))]
+             if p.exists()]
+    return archive_uri(deb822, lists)
+
+
+def host_suite(os_release: Path = Path("/etc/os-release")) -> str | None:
+    try:
+        text = os_release.read_text()
+    except OSError:
+        return None
+    found = re.search(r"^VERSION_CODENAME=\"?([a-z]+)", text, re.M)
+    return found.group(1) if found else None
+
+
+def private_sources(uri: str, suite: str, keyring: Path = _HOST_KEYRING) -> str:
+    """A one-line sources.list for ``suite`` of the archive at ``uri``."""
+    return f"deb [signed-by={keyring}] {uri} {suite} main\n"
+
+
+def apt_options(apt_dir: Path) -> list[str]:
+    """apt-get/apt-cache options that confine apt to the private config in ``apt_dir``."""
+    return ["-o", f"Dir::Etc::sourcelist={apt_dir / 'sources.list'}",
+            "-o", "Dir::Etc::sourceparts=-",
+            "-o", f"Dir::State::Lists={apt_dir / 'lists'}",
+            "-o", f"Dir::State::status={apt_dir / 'status'}",
+            "-o", f"Dir::Cache={apt_dir / 'cache'}",
+            "-o", "APT::Sandbox::User=root"]
+
+
+class AptSource:
+    """apt for one suite: the host's own apt for the host's suite, else a private config
+    under the lab cache (own sources list, lists and cache), so the host's apt is untouched."""
+
+    def __init__(self, version: str):
+        self.version = version
+        self.suite = suite_for(version)
+        self.options: list[str] = []
+        self.apt_dir: Path | None = None
+        if self.suite != host_suite():
+            self.apt_dir = paths.lab_dir() / "apt" / self.suite
+            self.options = apt_options(self.apt_dir)
+
+    def _update(self) -> None:
+        if self.apt_dir is None:
+            if os.geteuid() == 0:
+                subprocess.run(["apt-get", "update", "-q"], check=False, capture_output=True)
+            return
+        for sub in ("lists/partial", "cache/archives/partial"):
+            (self.apt_dir / sub).mkdir(parents=True, exist_ok=True)
+        (self.apt_dir / "status").touch()
+        (self.apt_dir / "sources.list").write_text(
+            private_sources(host_archive_uri(), self.suite))
+        proc = subprocess.run(["apt-get", *self.options, "update", "-q"], text=True,
+                              capture_output=True)
+        if proc.returncode != 0:
+            raise LabError(f"apt-get update for {self.suite} failed:\n{proc.stderr[-2000:]}")
+
+    def depends(self, package: str) -> str | None:
         try:
-            out = _run(["apt-cache", "depends", "linux-image-amd64"]).stdout
+            return _run(["apt-cache", *self.options, "depends", package]).stdout
         except (OSError, subprocess.CalledProcessError):
             return None
-        found = re.findall(r"Depends:\s*(linux-image-[0-9][^\s]*-amd64)\b", out)
-        return found[0] if found else None
 
-    name = ask()
-    if name is None and os.geteuid() == 0:
-        subprocess.run(["apt-get", "update", "-q"], check=False, capture_output=True)
-        name = ask()
-    if name is None:
-        raise LabError("apt offers no linux-image-amd64; run 'apt-get update' (as root) first")
-    return name
+    def resolve(self) -> list[str]:
+        """Concrete packages to fetch: the image package (+ its binary/modules parts)."""
+        out = self.depends("linux-image-amd64")
+        image = image_package(out or "", self.version)
+        if image is None:
+            self._update()
+            out = self.depends("linux-image-amd64")
+            image = image_package(out or "", self.version)
+        if image is None:
+            raise LabError(f"apt offers no linux-image-amd64 with kernel {self.version} in "
+                           f"{self.suite}; run 'apt-get update' (as root) first")
+        return [image, *companion_packages(self.depends(image) or "", image)]
+
+    def download(self, package: str, work: Path) -> Path:
+        proc = subprocess.run(["apt-get", *self.options, "download", "-q", package],
+                              cwd=work, text=True, capture_output=True)
+        debs = list(work.glob(f"{package}_*.deb"))
+        if proc.returncode != 0 or len(debs) != 1:
+            raise LabError(f"apt-get download {package} failed (rc={proc.returncode}):\n"
+                           f"{proc.stderr.strip()}\nCheck network access to the Debian "
+                           "mirror and run 'apt-get update'.")
+        return debs[0]
 
 
-def _cached(base: Path) -> Kernel | None:
-    """Newest ready kernel in the cache, so a cached run needs neither apt nor network."""
-    ready = sorted(base.glob(f"*/{_READY}"), key=lambda p: p.stat().st_mtime, reverse=True)
+def image_package(depends_out: str, version: str) -> str | None:
+    """From ``apt-cache depends linux-image-amd64``: its ``linux-image-X-amd64`` if X is
+    ``version`` (a suite's meta package may have moved on)."""
+    for name in re.findall(r"Depends:\s*(linux-image-[0-9][^\s]*-amd64)\b", depends_out):
+        if short_version(name) == version:
+            return name
+    return None
+
+
+def companion_packages(depends_out: str, image: str) -> list[str]:
+    """Since 7.x the image package is a meta package: its ``linux-binary-``/``linux-modules-``
+    dependencies of the same release hold the bzImage and the modules."""
+    suffix = image[len("linux-image-"):]
+    found = re.findall(r"Depends:\s*(linux-(?:binary|modules)-[^\s]+)", depends_out)
+    return sorted({n for n in found if n.split("-", 2)[2] == suffix})
+
+
+def kernel_package(version: str = DEFAULT_VERSION) -> str:
+    """Name of the concrete kernel package apt offers now (``linux-image-X-amd64``)."""
+    return AptSource(version).resolve()[0]
+
+
+def _cached(base: Path, version: str) -> Kernel | None:
+    """Newest ready kernel of ``version`` in the cache: a cached run needs neither apt nor
+    network."""
+    ready = sorted(base.glob(f"linux-image-{version}[.-]*/{_READY}"),
+                   key=lambda p: p.stat().st_mtime, reverse=True)
     for stamp in ready:
         kver = stamp.read_text().strip()
         return Kernel(stamp.parent.name, kver, stamp.parent / "kroot")
     return None
 
 
-def prepare_kernel(force: bool = False, log=print) -> Kernel:
-    """Download/unpack the kernel and build vmlinux + initramfs once; return the cached result.
+def prepare_kernel(force: bool = False, log=print, version: str | None = None) -> Kernel:
+    """Download/unpack the kernel and build the boot image + initramfs once; return the
+    cached result.  ``version`` is a short kernel version (``SUITES``), default 6.1.
 
     ``force`` asks apt again for the current package (e.g. after a Debian point release).
     """
+    version = version or DEFAULT_VERSION
+    suite_for(version)
     base = paths.lab_dir() / "kernel"
     base.mkdir(parents=True, exist_ok=True)
     if not force:
-        kernel = _cached(base)
+        kernel = _cached(base, version)
         if kernel is not None:
             return _fresh_initramfs(kernel)
-    package = kernel_package()
+    apt = AptSource(version)
+    packages = apt.resolve()
+    package = packages[0]
     work = base / package
     if (work / _READY).exists():
         kver = (work / _READY).read_text().strip()
         return _fresh_initramfs(Kernel(package, kver, work / "kroot"))
     work.mkdir(exist_ok=True)
-    deb = _download(package, work, log)
+    for old in work.glob("*.deb"):
+        old.unlink()
+    debs = []
+    for name in packages:
+        log(f"lab: apt-get download {name} ({apt.suite})")
+        debs.append(apt.download(name, work))
     kroot = work / "kroot"
     if kroot.exists():
         shutil.rmtree(kroot)
-    log(f"lab: unpacking {deb.name}")
-    _run(["dpkg", "-x", str(deb), str(kroot)])
-    kvers = [p.name for p in (kroot / "lib" / "modules").iterdir()]
-    if len(kvers) != 1:
-        raise LabError(f"unexpected module dirs in {deb.name}: {kvers}")
-    kernel = Kernel(package, kvers[0], kroot)
+    for deb in debs:
+        log(f"lab: unpacking {deb.name}")
+        _run(["dpkg", "-x", str(deb), str(kroot)])
+    kernel = Kernel(package, _unpacked_kver(kroot, package), kroot)
     _run(["depmod", "-b", str(kroot), kernel.kver])
-    log("lab: extracting uncompressed vmlinux")
-    _extract_vmlinux(kroot / "boot" / f"vmlinuz-{kernel.kver}", kernel.vmlinux)
+    _boot_image(kernel, log)
     log("lab: building initramfs")
     build_initramfs(kernel)
-    deb.unlink()  # 60+ MiB we no longer need
+    for deb in debs:
+        deb.unlink()  # 60+ MiB we no longer need
     (work / _READY).write_text(kernel.kver + "\n")
     return kernel
+
+
+def _unpacked_kver(kroot: Path, package: str) -> str:
+    """The one ``<kver>`` module dir; links ``lib/modules`` to ``usr/lib/modules`` where the
+    package ships only the latter (depmod/modprobe ``-b``/``-d`` look in lib/modules)."""
+    usr_mods, lib_mods = kroot / "usr" / "lib" / "modules", kroot / "lib" / "modules"
+    if usr_mods.is_dir() and not lib_mods.exists():
+        lib_mods.parent.mkdir(parents=True, exist_ok=True)
+        lib_mods.symlink_to("../usr/lib/modules")
+    kvers = [p.name for p in lib_mods.iterdir()] if lib_mods.is_dir() else []
+    if len(kvers) != 1:
+        raise LabError(f"unexpected module dirs in {package}: {kvers}")
+    return kvers[0]
+
+
+def _boot_image(kernel: Kernel, log) -> None:
+    """ELF vmlinux from an xz bzImage, else the bzImage as it is (qemu boots both)."""
+    kroot = kernel.root
+    cands = [kroot / "boot" / f"vmlinuz-{kernel.kver}", kernel.modules_dir / "vmlinuz"]
+    vmlinuz = next((c for c in cands if c.is_file()), None)
+    if vmlinuz is None:
+        raise LabError(f"{kernel.package}: no vmlinuz in {[str(c) for c in cands]}")
+    try:
+        log("lab: extracting uncompressed vmlinux")
+        _extract_vmlinux(vmlinuz, kernel.vmlinux)
+    except LabError as exc:
+        log(f"lab: {exc}; qemu boots the bzImage")
+        shutil.copyfile(vmlinuz, kernel.bzimage)
 
 
 def _fresh_initramfs(kernel: Kernel) -> Kernel:
@@ -129,27 +353,12 @@ def _fresh_initramfs(kernel: Kernel) -> Kernel:
     return kernel
 
 
-def _download(package: str, work: Path, log) -> Path:
-    for old in work.glob("*.deb"):
-        old.unlink()
-    log(f"lab: apt-get download {package}")
-    # apt drops privileges to _apt for downloads; a private cache dir just makes it warn.
-    proc = subprocess.run(["apt-get", "download", "-q", package], cwd=work, text=True,
-                          capture_output=True)
-    debs = list(work.glob("*.deb"))
-    if proc.returncode != 0 or len(debs) != 1:
-        raise LabError(f"apt-get download {package} failed (rc={proc.returncode}):\n"
-                       f"{proc.stderr.strip()}\nCheck network access to the Debian mirror "
-                       "and run 'apt-get update'.")
-    return debs[0]
-
-
 def _extract_vmlinux(vmlinuz: Path, out: Path) -> None:
     """Decompress the xz payload of a bzImage into an ELF vmlinux (qemu boots it via PVH)."""
     data = vmlinuz.read_bytes()
     start = data.find(b"\xfd7zXZ\x00")
     if start < 0:
-        raise LabError(f"{vmlinuz} has no xz payload (non-Debian kernel config?)")
+        raise LabError(f"{vmlinuz.name} has no xz payload")
     elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data[start:])
     if not elf.startswith(b"\x7fELF"):
         raise LabError(f"{vmlinuz}: payload is not an ELF image")
@@ -206,13 +415,26 @@ def _module_files(kernel: Kernel) -> list[Path]:
     """Module files for INITRAMFS_MODULES in load order (dependencies first)."""
     seen: list[Path] = []
     for mod in INITRAMFS_MODULES:
-        out = _run(["modprobe", "-d", str(kernel.root), "-S", kernel.kver,
-                    "--show-depends", mod]).stdout
+        try:
+            out = _run(["modprobe", "-d", str(kernel.root), "-S", kernel.kver,
+                        "--show-depends", mod]).stdout
+        except subprocess.CalledProcessError:
+            # 7.x ships modules.builtin.bin only: modprobe fails on a built-in module
+            if mod in _builtin_modules(kernel):  # modprobe -d could not say "builtin"
+                continue
+            raise
         for line in out.splitlines():
             parts = line.split()
             if parts[:1] == ["insmod"] and Path(parts[1]) not in seen:
                 seen.append(Path(parts[1]))
     return seen
+
+
+def _builtin_modules(kernel: Kernel) -> set[str]:
+    """INITRAMFS_MODULES with no module file: built in (modules.builtin.bin is a trie)."""
+    files = {p.name.split(".ko")[0].replace("-", "_")
+             for p in kernel.modules_dir.rglob("*.ko*")}
+    return {m for m in INITRAMFS_MODULES if m.replace("-", "_") not in files}
 
 
 def build_initramfs(kernel: Kernel) -> Path:

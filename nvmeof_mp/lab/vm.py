@@ -89,10 +89,10 @@ def ensure_tools(log=print) -> None:
                        + proc.stderr[-2000:])
 
 
-def prepare(log=print) -> Kernel:
+def prepare(log=print, version: str | None = None) -> Kernel:
     """Tools + kernel: everything ``run_in_vm`` needs; cheap when already done."""
     ensure_tools(log)
-    return prepare_kernel(log=log)
+    return prepare_kernel(log=log, version=version)
 
 
 # ---------------------------------------------------------------- guest job
@@ -207,7 +207,7 @@ def qemu_argv(kernel: Kernel, out_dir: Path, *, mem_mb: int, smp: int, kernel_ar
         "-accel", "tcg,thread=multi", "-cpu", "max", "-machine", "q35",
         "-smp", str(smp), "-m", str(mem_mb),
         "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio", "-monitor", "none",
-        "-kernel", str(kernel.vmlinux), "-initrd", str(kernel.initramfs), "-append", append,
+        "-kernel", str(kernel.boot_image), "-initrd", str(kernel.initramfs), "-append", append,
         "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
         "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
         "-fsdev", f"local,id=out,path={_fsdev_path(out_dir)},security_model=none",
@@ -237,7 +237,8 @@ def _pump(stream, log_path: Path, echo: bool, t0: float) -> None:
 
 
 def run_in_vm(guest_argv, *, env=None, timeout=600, mem_mb=1536, smp=2, kernel_args="",
-              out_dir=None, modprobe_options=None, echo=True, interactive=False) -> VMResult:
+              out_dir=None, modprobe_options=None, echo=True, interactive=False,
+              kernel_version=None) -> VMResult:
     """Boot the lab VM, run ``guest_argv`` as root in it, power off; never leaves qemu behind.
 
     ``env`` is added to the guest command's environment (which already has
@@ -246,13 +247,15 @@ def run_in_vm(guest_argv, *, env=None, timeout=600, mem_mb=1536, smp=2, kernel_a
     modules load; ``kernel_args`` such as ``nvme_core.multipath=N`` work too (modprobe reads
     them from /proc/cmdline).  ``interactive`` (or an empty argv) gives a root shell on the
     terminal instead.  The guest command gets ``timeout`` minus a boot allowance; qemu is
-    killed at ``timeout`` whatever happens.
+    killed at ``timeout`` whatever happens.  ``kernel_version`` picks the Debian kernel
+    (``kernel.SUITES``; default 6.1); its ``uname -r`` goes to ``out_dir/kernel-release``.
     """
-    kernel = prepare_kernel(log=print if echo else (lambda *_: None))
+    kernel = prepare_kernel(log=print if echo else (lambda *_: None), version=kernel_version)
     out_dir = Path(out_dir) if out_dir else _new_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("guest-rc", "boot-seconds"):
         (out_dir / stale).unlink(missing_ok=True)
+    (out_dir / "kernel-release").write_text(kernel.kver + "\n")
     argv = [] if interactive else list(guest_argv)
     _write_job(out_dir, argv, env, max(30, timeout - 40), modprobe_options or {})
     # Byte-compile on the host: the guest's overlay is thrown away, TCG compiles slowly.

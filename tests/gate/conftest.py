@@ -8,8 +8,10 @@ service running as root does.  The nvmet target is driven through the root targe
 ``$NVMEOF_MP_TARGET_SOCK``.
 """
 
+import json
 import os
 import signal
+import time
 
 import pytest
 
@@ -20,6 +22,20 @@ IN_LAB = bool(os.environ.get("NVMEOF_MP_TARGET_SOCK"))
 REGISTRY_VOLUMES = "/var/lib/nvmeof_mp/volumes"
 #: A gate test that takes longer fails instead of hanging the VM run (and every test after it).
 TEST_TIMEOUT = float(os.environ.get("NVMEOF_MP_GATE_TEST_TIMEOUT", "300"))
+#: The ``smoke`` selection (``nvmeof-mp lab gate --smoke``) for the kernels CI only samples:
+#: one test per mode and safety concern (single path, native multipath, RAID1 under I/O,
+#: dm-multipath over replicas, registry shared subsystem, detach with every path dead).
+SMOKE_TESTS = frozenset({
+    "test_single_path",
+    "test_native_multipath_two_portals",
+    "test_raid1_with_leg_failure_during_io",
+    "test_dm_multipath_over_replicas",
+    "test_dm_multipath_over_native_multipath_replicas",
+    "test_registry_shared_subsystem_last_volume_takes_the_controllers",
+    "test_nvme_detach_with_every_path_dead_fails_fast_or_forces",
+})
+#: per-test outcomes (JSON lines) in the run directory, for the coverage table
+RESULTS_FILE = "gate-results.jsonl"
 
 
 def root_helper():
@@ -52,6 +68,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if str(item.fspath).startswith(here):
             item.add_marker(pytest.mark.gate)
+            if item.originalname in SMOKE_TESTS:
+                item.add_marker(pytest.mark.smoke)
             if not IN_LAB:
                 item.add_marker(pytest.mark.skip(reason="gate tests run in the lab VM"))
             for mark, wanted in (("native", True), ("no_native", False)):
@@ -65,6 +83,28 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "no_native: needs nvme_core multipath=N")
     config.addinivalue_line("markers", "root_too: also runs as root without a root helper "
                             "(forked privsep daemon)")
+    config.addinivalue_line("markers", "smoke: the sample run on every kernel (SMOKE_TESTS)")
+
+
+def result_record(report, kernel: str, multipath: bool, as_root: bool) -> dict:
+    """One line of RESULTS_FILE: what ran where (kernel, multipath, pass) and how it ended."""
+    return {"test": report.nodeid, "outcome": report.outcome, "when": report.when,
+            "kernel": kernel, "nvme_multipath": "Y" if multipath else "N",
+            "pass": "root" if as_root else "user", "seconds": round(report.duration, 3),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def pytest_runtest_logreport(report):
+    """Append the test's outcome to RESULTS_FILE: its call phase, or a failed/skipped
+    setup or teardown (a call that never ran, or a leftover found after it)."""
+    out = os.environ.get("NVMEOF_MP_LAB_OUT")
+    if not (IN_LAB and out and "tests/gate/" in report.nodeid):
+        return
+    if report.when != "call" and report.outcome == "passed":
+        return
+    record = result_record(report, os.uname().release, native_multipath(), os.getuid() == 0)
+    with open(os.path.join(out, RESULTS_FILE), "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
 @pytest.fixture

@@ -141,6 +141,7 @@ def live_attach(conn, target, caplog, vol, secret):
     return result
 
 
+@pytest.mark.root_too
 def test_auth_host_wide_key_unidirectional(conn, auth_target, caplog):
     hostnqn = host_nqn(conn)
     auth_subsystem(auth_target, hostnqn, key=HOST_KEY)

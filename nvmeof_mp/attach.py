@@ -116,6 +116,11 @@ def _auth_hint(target: Target, reason, errno):
             return (" (DH-HMAC-CHAP: the target rejected dhchap_secret for this host NQN, or "
                     "the controller failed authentication against dhchap_ctrl_secret)")
         return " (DH-HMAC-CHAP: the target rejected dhchap_secret for this host NQN)"
+    if errno == errnolib.EIO and (target.dhchap_secret or target.dhchap_ctrl_secret):
+        # seen on 6.12: the target closes the connection after its failure message and the
+        # host, unable to send its own, reports the queue's connect as an I/O error
+        return (" (DH-HMAC-CHAP keys were given: Linux also reports a rejected dhchap_secret "
+                "or dhchap_ctrl_secret this way; the kernel log tells)")
     return ""
 
 

@@ -94,3 +94,17 @@ def test_a_kernel_without_host_authentication_is_refused_a_secret(lab, caplog):
     assert "NVME_HOST_AUTH" in text and "DH-HMAC-CHAP" in text
     plain = lab.connector.connect_volume(conninfo(portals=[P1]))   # no secret: attaches
     lab.connector.disconnect_volume(conninfo(portals=[P1]), plain)
+
+
+def test_an_io_error_of_an_authenticated_connect_names_the_key(lab, caplog):
+    """Linux 6.12 seen in the lab: a wrong host key where the target closes the connection
+    before the host's last authentication message -> EIO (NVMe status 880), not EKEYREJECTED."""
+    lab.target(ports=(4420,))
+    eio = {"error": "Failed to write to /dev/nvme-fabrics: Input/output error",
+           "errno": errno.EIO, "already": False}
+    lab.sim.connect = lambda opts, hold=None: dict(eio)
+    text = failed_attach(lab, conninfo(portals=[P1], dhchap_secret=OTHER), caplog)
+    assert "Input/output error" in text and "DH-HMAC-CHAP" in text and "rejected" in text
+    lab.sim.connect = lambda opts, hold=None: dict(eio)
+    plain = pytest.raises(NVMeOFError, lab.connector.connect_volume, conninfo(portals=[P1]))
+    assert "DH-HMAC-CHAP" not in str(plain.value)      # no key given: no key blamed

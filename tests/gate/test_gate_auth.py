@@ -207,7 +207,10 @@ def test_auth_wrong_key_is_ekeyrejected(conn, auth_target, caplog):
     auth_subsystem(auth_target, host_nqn(conn), key=HOST_KEY)
     vol = dict(info(ports=(4420,)), dhchap_secret=WRONG_KEY)
     text = refused(conn, auth_target, caplog, vol, WRONG_KEY)
-    assert "Key was rejected by service" in text and "rejected dhchap_secret" in text
+    # 6.12 under TCG, now and then: the target closes the connection before the host's last
+    # authentication message, and the kernel returns EIO (after its 60 s timeout)
+    assert ("Key was rejected by service" in text and "rejected dhchap_secret" in text) or (
+        "Input/output error" in text and "rejected dhchap_secret" in text), text
 
 
 def test_auth_wrong_controller_key_is_ekeyrejected(conn, auth_target, caplog):

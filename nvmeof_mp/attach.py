@@ -13,6 +13,7 @@ before connecting did not show (the lock keeps other users of this library out m
 from __future__ import annotations
 
 import dataclasses
+import errno as errnolib
 import uuid
 
 from oslo_log import log as logging
@@ -21,6 +22,7 @@ from nvmeof_mp import plan as planner
 from nvmeof_mp.connection import Portal, Target
 from nvmeof_mp.exception import (AlreadyConnected, DetachAborted, NVMeOFError, PortalConnectError,
                                  TargetUnreachable, VolumeDeviceNotFound)
+from nvmeof_mp.hostinfo import host_authenticates
 from nvmeof_mp.locks import subsystem_lock
 from nvmeof_mp.topology import Namespace, Snapshot, can_open_rw, udev_settled
 from nvmeof_mp.waiting import poll
@@ -101,6 +103,27 @@ class _Progress:
     in_doubt: list = dataclasses.field(default_factory=list)      # portals, reply lost
 
 
+def _auth_hint(target: Target, reason, errno):
+    """What a DH-HMAC-CHAP refusal means, for the operator (never the key itself).  nvme-cli
+    gives its exit status, not the errno: its text tells then."""
+    if errno == errnolib.ENOKEY or "Required key not available" in reason:
+        if not target.dhchap_secret:
+            return (" (DH-HMAC-CHAP: the target requires authentication and the connection "
+                    "info has no dhchap_secret)")
+        return " (DH-HMAC-CHAP: a key the target requires is missing)"
+    if errno == errnolib.EKEYREJECTED or "Key was rejected" in reason:
+        if target.dhchap_ctrl_secret:
+            return (" (DH-HMAC-CHAP: the target rejected dhchap_secret for this host NQN, or "
+                    "the controller failed authentication against dhchap_ctrl_secret)")
+        return " (DH-HMAC-CHAP: the target rejected dhchap_secret for this host NQN)"
+    if errno == errnolib.EIO and (target.dhchap_secret or target.dhchap_ctrl_secret):
+        # seen on 6.12: the target closes the connection after its failure message and the
+        # host, unable to send its own, reports the queue's connect as an I/O error
+        return (" (DH-HMAC-CHAP keys were given: Linux also reports a rejected dhchap_secret "
+                "or dhchap_ctrl_secret this way; the kernel log tells)")
+    return ""
+
+
 class Attacher:
     """Executes connect/disconnect plans for single targets."""
 
@@ -124,6 +147,11 @@ class Attacher:
         for that volume before anything is connected; ``pending`` is the volume's record (and
         secrets) to write in the same call, see ``Registry.claim``.  ``on_connected(created)``
         is called once the controllers are made, before the wait for the device."""
+        if (target.dhchap_secret or target.dhchap_ctrl_secret) and not host_authenticates(
+                self.root):
+            raise NVMeOFError("%s: this kernel has no NVMe host authentication "
+                              "(NVME_HOST_AUTH): it would ignore the DH-HMAC-CHAP keys and "
+                              "connect unauthenticated; refused" % target.describe())
         host_nqn, host_id = self.identity(target)
         with subsystem_lock(target.nqn, host_nqn, self.lock_path):
             snap = self.sysfs.snapshot([target.nqn])
@@ -322,7 +350,8 @@ class Attacher:
             return _Unnamed("connected, but the reply names no controller")
         if reply.get("error") and reply.get("errno") is None:
             return _Unnamed(reply["error"])
-        return PortalConnectError(portal, reply.get("error") or "unknown error",
+        reason = reply.get("error") or "unknown error"
+        return PortalConnectError(portal, reason + _auth_hint(target, reason, reply.get("errno")),
                                   reply.get("errno"))
 
     def _wait_device(self, target: Target, multipath: bool,

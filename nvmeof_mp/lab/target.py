@@ -58,6 +58,25 @@ class Target:
         host.mkdir(exist_ok=True)
         (self._subsys(nqn) / "allowed_hosts" / hostnqn).symlink_to(host)
 
+    def set_host_keys(self, hostnqn: str, key=None, ctrl_key=None) -> None:
+        """DH-HMAC-CHAP keys of ``hostnqn`` (``DHHC-1:..`` strings): ``key`` the host must
+        present, ``ctrl_key`` the target answers with (bidirectional).  Needs
+        NVME_TARGET_AUTH (6.12, not Debian's 6.1)."""
+        host = self.root / "hosts" / hostnqn
+        host.mkdir(exist_ok=True)
+        for attr, value in (("dhchap_key", key), ("dhchap_ctrl_key", ctrl_key)):
+            if value is not None:
+                _write(host / attr, value)
+
+    def auth_supported(self) -> bool:
+        """Can this nvmet authenticate hosts (a host entry has a dhchap_key attribute)?"""
+        probe = self.root / "hosts" / "nqn.2014-08.org.nvmexpress:lab-auth-probe"
+        probe.mkdir(exist_ok=True)
+        try:
+            return (probe / "dhchap_key").exists()
+        finally:
+            probe.rmdir()
+
     def add_namespace(self, nqn: str, nsid: int, size_mb: int, uuid: str, nguid=None,
                       ana_group=None, backing=None, lba=4096) -> str:
         """Create and enable a namespace; without ``backing`` a sparse tmpfs file is made.
@@ -199,6 +218,24 @@ class Target:
         """Forget every attachment record (what a failed test left)."""
         return clear_registry()
 
+    def secret_files(self, needle: str) -> dict:
+        """The registry's secret files (root only): mode, owner and whether each holds
+        ``needle``; the lab user cannot look into that directory itself."""
+        return secret_files(needle)
+
+    def watch_secret(self, *needles: str) -> None:
+        """Start looking for ``needles`` in every process's cmdline and environ, as root,
+        until ``watch_secret_result``."""
+        if getattr(self, "_watch", None) is not None:
+            self._watch.stop()
+        self._watch = SecretWatch(needles)
+
+    def watch_secret_result(self) -> dict:
+        """Stop the watch: {"scans": passes made, "seen": ["<pid> <comm> <file>", ...]}, and
+        whether the kernel log holds a needle."""
+        watch, self._watch = self._watch, None
+        return watch.stop()
+
     def teardown(self) -> None:
         """Remove every port, subsystem and host in dependency order (links first)."""
         self.release_exclusive()
@@ -262,6 +299,62 @@ def clear_registry():
     return left
 
 
+def secret_files(needle: str) -> dict:
+    out = {}
+    base = os.path.join(REGISTRY, "secrets")
+    for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        path = os.path.join(base, name)
+        st = os.stat(path)
+        with open(path) as f:
+            holds = needle in f.read()
+        out[name] = {"mode": st.st_mode & 0o7777, "uid": st.st_uid, "holds": holds}
+    dir_st = os.stat(base) if os.path.isdir(base) else None
+    return {"dir_mode": dir_st and dir_st.st_mode & 0o7777, "files": out}
+
+
+class SecretWatch:
+    """A thread scanning /proc/*/cmdline and /proc/*/environ for strings, over and over."""
+
+    def __init__(self, needles):
+        self.needles = [n.encode() for n in needles]
+        self.scans = 0
+        self.seen: set = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="secret-watch")
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit() or int(pid) == os.getpid():
+                    continue        # the agent itself holds the needle, in memory only
+                for name in ("cmdline", "environ"):
+                    try:
+                        with open(f"/proc/{pid}/{name}", "rb") as f:
+                            data = f.read()
+                    except OSError:
+                        continue
+                    if any(n in data for n in self.needles):
+                        self.seen.add(f"{pid} {_comm(pid)} {name}")
+            self.scans += 1
+            self._stop.wait(0.002)     # let the attach run on a 2-core TCG guest
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        dmesg = subprocess.run(["dmesg"], capture_output=True).stdout
+        return {"scans": self.scans, "seen": sorted(self.seen),
+                "kernel_log": any(n in dmesg for n in self.needles)}
+
+
+def _comm(pid):
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
 def kill_process(pid: int) -> bool:
     pid = int(pid)
     if pid <= 1 or pid == os.getpid():
@@ -290,7 +383,8 @@ def two_path_volume(target, nqn, uuid, size_mb=64):
 # ---------------------------------------------------------------- agent / client
 
 #: Target methods the agent serves.
-AGENT_OPS = ("add_subsystem", "allow_host", "add_namespace", "resize_namespace",
+AGENT_OPS = ("add_subsystem", "allow_host", "set_host_keys", "auth_supported", "secret_files",
+             "watch_secret", "watch_secret_result", "add_namespace", "resize_namespace",
              "remove_namespace", "add_port", "link", "unlink", "set_ana_state", "state",
              "teardown", "cleanup_initiator", "kill_process", "mount_scratch",
              "umount_scratch", "hold_exclusive", "release_exclusive", "clear_registry")

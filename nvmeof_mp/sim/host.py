@@ -139,13 +139,14 @@ class SimHost(SimStorage, SimInUse, Kernel):
         self.shown = {}               # uuid/nguid -> {nqn: number of controllers showing it}
         self.flush_error = None
         self.secrets = {}             # nqn -> the DH-HMAC-CHAP host key the target requires
+        self.ctrl_secrets = {}        # nqn -> the target's controller key (bidirectional)
         self.flush_hangs = set()      # device paths whose flush never completes
         self.log = []                 # kernel messages, like dmesg
         self.lock = threading.RLock()
         self.sys = os.path.join(root, "sys")
         for d in ("devices/virtual/nvme-fabrics/ctl", "devices/virtual/nvme-subsystem",
                   "class/nvme", "class/nvme-subsystem", "class/block",
-                  "module/nvme_core/parameters", "class/dmi/id"):
+                  "module/nvme_core/parameters", "class/dmi/id", "module/nvme_auth"):
             os.makedirs(os.path.join(self.sys, d), exist_ok=True)
         os.makedirs(os.path.join(root, "dev"), exist_ok=True)
         _write(os.path.join(self.sys, "module/nvme_core/parameters/multipath"),
@@ -262,14 +263,29 @@ class SimHost(SimStorage, SimInUse, Kernel):
             if portal is None or portal.mode == "refuse":
                 return {"error": "Failed to write to /dev/nvme-fabrics: Connection refused",
                         "errno": errnolib.ECONNREFUSED, "already": False}
-            if self.secrets.get(opts["nqn"]) not in (None, opts.get("dhchap_secret")):
-                return {"error": "Failed to write to /dev/nvme-fabrics: Key was rejected by "
-                        "service", "errno": errnolib.EKEYREJECTED, "already": False}
+            refused = self._auth_refused(opts)
+            if refused:
+                return refused
             if portal.mode != "timeout":
                 return self._connected(target, portal, hostnqn, opts)
         self.clock.sleep(3.0)
         return {"error": "Failed to write to /dev/nvme-fabrics: Connection timed out",
                 "errno": errnolib.ETIMEDOUT, "already": False}
+
+    def _auth_refused(self, opts):
+        """The kernel's DH-HMAC-CHAP verdict (6.12): no host key for a target that requires
+        one is ENOKEY, a wrong host or controller key EKEYREJECTED; None: authenticated."""
+        need, ctrl = self.secrets.get(opts["nqn"]), self.ctrl_secrets.get(opts["nqn"])
+        if not os.path.isdir(os.path.join(self.sys, "module/nvme_auth")):
+            opts = dict(opts, dhchap_secret=None, dhchap_ctrl_secret=None)  # 6.1: ignored
+        if need is not None and not opts.get("dhchap_secret"):
+            return {"error": "Failed to write to /dev/nvme-fabrics: Required key not available",
+                    "errno": errnolib.ENOKEY, "already": False}
+        if need not in (None, opts.get("dhchap_secret")) or (
+                opts.get("dhchap_ctrl_secret") not in (None, ctrl)):
+            return {"error": "Failed to write to /dev/nvme-fabrics: Key was rejected by "
+                    "service", "errno": errnolib.EKEYREJECTED, "already": False}
+        return None
 
     def _host_clash(self, hostnqn, hostid):
         """The kernel's host table: one host ID per host NQN and back (the default host is

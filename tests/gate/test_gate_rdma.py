@@ -9,7 +9,7 @@ import os
 import time
 
 import pytest
-from test_gate import (NQN, STALL_LIMIT, U1, U2, UTOP, controllers, md_degraded,
+from test_gate import (NQN, STALL_LIMIT, U1, U2, UTOP, controllers, md_degraded, record,
                        stall_under_failure)
 
 from nvmeof_mp.lab import rdma
@@ -139,6 +139,28 @@ def test_rdma_and_tcp_portals_one_volume(connector, target, addr):
     assert len(report["paths"]) == 2 and report["verdict"] == "healthy", report
     write_and_verify(result["path"])
     connector.disconnect_volume(vol, result)
+    assert controllers() == {}
+
+
+@pytest.mark.native
+def test_rdma_degraded_attach_then_heal(connector, target, addr):
+    """The rdma port listens without the subsystem (rejected): the attach is degraded over
+    tcp, and attaching again once the subsystem is there heals the rdma path."""
+    subsystem(target, addr, ((2, 4421, "tcp"),))
+    target.add_port(1, 4420, traddr=addr, trtype="rdma")
+    vol = mixed(addr)
+    t = time.monotonic()
+    result = connector.connect_volume(vol)
+    record("%s: attach with the rdma portal rejected %.2fs"
+           % (os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0], time.monotonic() - t))
+    assert result["degraded"] and result["failed_portals"] == ["rdma://%s:4420" % addr]
+    assert [t for t, _ in transports().values()] == ["tcp"]
+    target.link(1, NQN)
+    healed = connector.connect_volume(vol)
+    assert not healed["degraded"] and healed["path"] == result["path"]
+    assert sorted(t for t, _ in transports().values()) == ["rdma", "tcp"]
+    write_and_verify(healed["path"])
+    connector.disconnect_volume(vol, healed)
     assert controllers() == {}
 
 

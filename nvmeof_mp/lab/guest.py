@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from . import LAB_USER, rdma
+from . import LAB_USER
 from .target import Target, TargetAgent, two_path_volume
 
 DEFAULT_SOCK = "/run/nvmeof-lab/target.sock"
@@ -39,13 +39,9 @@ def run_as_user(argv, user: str | None = None, **kwargs) -> subprocess.Completed
 def target_session(sock_path: str | None = None):
     """A fresh :class:`Target` served by a :class:`TargetAgent`; torn down on exit.
 
-    Exports ``NVMEOF_MP_TARGET_SOCK`` so child processes (any user) find the agent, and
-    ``NVMEOF_MP_LAB_RDMA`` (soft-RoCE address, or why there is none: :mod:`.rdma`).
+    Exports ``NVMEOF_MP_TARGET_SOCK`` so child processes (any user) find the agent.
     """
     sock_path = sock_path or os.environ.get("NVMEOF_MP_TARGET_SOCK") or DEFAULT_SOCK
-    if rdma.ENV not in os.environ:
-        rdma.export(rdma.setup())
-        print("lab: rdma %s" % os.environ[rdma.ENV], flush=True)
     target = Target()
     agent = TargetAgent(target, sock_path).start()
     os.environ["NVMEOF_MP_TARGET_SOCK"] = sock_path

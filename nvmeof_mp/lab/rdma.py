@@ -5,9 +5,9 @@ resolution times out), but it does on a dummy netdev carrying a link-local addre
 leaves the VM, and nvmet-rdma and nvme-rdma meet on that address.
 
 :func:`setup` loads the modules, creates the netdev and the rxe link (idempotent) and returns
-``(address, None)``, or ``(None, reason)`` when this kernel or userland cannot do RDMA.
-:func:`export` puts the outcome into the environment (``NVMEOF_MP_LAB_RDMA``) for the test
-processes, which read it back with :func:`available`.
+``(address, None)``, or ``(None, reason)`` when this kernel or userland cannot do RDMA.  The
+root target agent runs it on a test's first request (``Target.rdma``), so VM runs without an
+rdma test do not pay for loading the RDMA stack.
 """
 
 import os
@@ -18,8 +18,6 @@ NETDEV = "rdma0"
 RXE = "rxe0"
 ADDRESS = "169.254.77.1"
 MODULES = ("ib_core", "rdma_cm", "rdma_rxe", "nvme_rdma", "nvmet_rdma", "dummy")
-ENV = "NVMEOF_MP_LAB_RDMA"
-_UNAVAILABLE = "unavailable: "
 
 
 def _run(argv):
@@ -50,19 +48,3 @@ def setup(address: str = ADDRESS):
         if rc:
             return None, "rdma link add %s: %s" % (RXE, out)
     return address, None
-
-
-def export(result) -> None:
-    """Record :func:`setup`'s outcome in this process's environment (children inherit it)."""
-    address, why = result
-    os.environ[ENV] = address if address else _UNAVAILABLE + why
-
-
-def available():
-    """``(address, None)`` when the lab set RDMA up, else ``(None, reason)``."""
-    value = os.environ.get(ENV, "")
-    if not value:
-        return None, "the lab did not set up soft-RoCE"
-    if value.startswith(_UNAVAILABLE):
-        return None, value[len(_UNAVAILABLE):]
-    return value, None

@@ -1,8 +1,7 @@
 """NVMe over RDMA (soft-RoCE on a dummy netdev, see nvmeof_mp.lab.rdma) in every mode.
 
-The lab sets rxe up as root before the passes and says in ``$NVMEOF_MP_LAB_RDMA`` whether it
-could; where it could not (no rdma_rxe in the kernel, no ``rdma`` tool) every test here skips
-with the reason.
+The root target agent sets rxe up on the first test's request (``Target.rdma``); where it
+cannot (no rdma_rxe in the kernel, no ``rdma`` tool) every test here skips with the reason.
 """
 
 import os
@@ -12,7 +11,6 @@ import pytest
 from test_gate import (NQN, STALL_LIMIT, U1, U2, UTOP, controllers, md_degraded, record,
                        stall_under_failure)
 
-from nvmeof_mp.lab import rdma
 from nvmeof_mp.lab.workload import Writer, verify, wait_for
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
@@ -21,9 +19,10 @@ TCP_ADDR = "127.0.0.1"
 
 
 @pytest.fixture
-def addr():
-    """The soft-RoCE address, or a skip saying why there is none."""
-    address, why = rdma.available()
+def addr(target):
+    """The soft-RoCE address (the root agent sets rxe up on first use), or a skip saying why
+    there is none."""
+    address, why = target.rdma()
     if address is None:
         pytest.skip("no RDMA in this VM: %s" % why)
     return address

@@ -10,7 +10,8 @@ Kernel facts this encodes (nvmet, Linux 6.1):
 - unlinking the last subsystem from a port closes its listener (ECONNREFUSED): a realistic
   "path down"; re-linking brings it back;
 - ANA group 1 always exists on every port; other groups must be created per port before a
-  namespace can use them.
+  namespace can use them;
+- rdma ports (``trtype="rdma"``) need soft-RoCE on a non-loopback address: :meth:`Target.rdma`.
 """
 
 import json
@@ -23,6 +24,8 @@ import threading
 from pathlib import Path
 
 CONFIGFS = Path("/sys/kernel/config/nvmet")
+#: what ``Target.rdma`` found, once per VM (the rxe link outlives a Target)
+_RDMA = None
 ANA_STATES = ("optimized", "non-optimized", "inaccessible", "persistent-loss", "change")
 
 
@@ -181,6 +184,15 @@ class Target:
         subsystems = {s.name: sorted(n.name for n in (s / "namespaces").iterdir())
                       for s in (self.root / "subsystems").iterdir()}
         return {"ports": ports, "subsystems": subsystems}
+
+    def rdma(self) -> list:
+        """Soft-RoCE for ``trtype="rdma"`` ports, set up on first use (:mod:`.rdma`):
+        ``[address, None]``, or ``[None, why]`` where this VM cannot do RDMA."""
+        global _RDMA
+        if _RDMA is None:
+            from . import rdma
+            _RDMA = list(rdma.setup())
+        return _RDMA
 
     def cleanup_initiator(self) -> list:
         return cleanup_initiator()
@@ -387,7 +399,8 @@ AGENT_OPS = ("add_subsystem", "allow_host", "set_host_keys", "auth_supported", "
              "watch_secret", "watch_secret_result", "add_namespace", "resize_namespace",
              "remove_namespace", "add_port", "link", "unlink", "set_ana_state", "state",
              "teardown", "cleanup_initiator", "kill_process", "mount_scratch",
-             "umount_scratch", "hold_exclusive", "release_exclusive", "clear_registry")
+             "umount_scratch", "hold_exclusive", "release_exclusive", "clear_registry",
+             "rdma")
 
 
 class TargetAgent:

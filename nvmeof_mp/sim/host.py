@@ -415,9 +415,7 @@ class SimHost(SimStorage, SimInUse, Kernel):
         cdir = self._ctrl_dir(name)
         os.makedirs(cdir)
         attrs = {"state": "live", "transport": portal.transport, "subsysnqn": target.nqn,
-                 "address": "traddr=%s,trsvcid=%s,src_addr=%s" % (portal.traddr,
-                                                                   portal.trsvcid,
-                                                                   portal.traddr),
+                 "address": _address(portal, live=True),
                  "hostnqn": hostnqn, "hostid": opts.get("host_id") or HOST_ID,
                  "cntlid": str(inst + 1), "kato": str(opts.get("keep_alive_tmo") or 5),
                  "ctrl_loss_tmo": _shown(opts.get("ctrl_loss_tmo", 600)),
@@ -438,11 +436,9 @@ class SimHost(SimStorage, SimInUse, Kernel):
         cdir = self._ctrl_dir(ctrl.name)
         _write(os.path.join(cdir, "state"), state)
         p = ctrl.portal
-        addr = "traddr=%s,trsvcid=%s" % (p.traddr, p.trsvcid)
         if state == "live":
-            addr += ",src_addr=%s" % p.traddr
             self._scan(ctrl.name)
-        _write(os.path.join(cdir, "address"), addr)
+        _write(os.path.join(cdir, "address"), _address(p, live=state == "live"))
 
     def _scan(self, name):
         """Namespace scan of a live controller: add new namespaces, resize known ones."""
@@ -603,6 +599,14 @@ class SimHost(SimStorage, SimInUse, Kernel):
 
     def controllers(self, nqn=None):
         return sorted(n for n, c in self.ctrls.items() if nqn is None or c.nqn == nqn)
+
+
+def _address(portal, live):
+    """A controller's sysfs ``address``: a live tcp one adds its ``src_addr``, rdma never."""
+    addr = "traddr=%s,trsvcid=%s" % (portal.traddr, portal.trsvcid)
+    if live and portal.transport == "tcp":
+        addr += ",src_addr=%s" % portal.traddr
+    return addr
 
 
 def _shown(value):

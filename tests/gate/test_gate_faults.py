@@ -1,0 +1,169 @@
+"""Faults beyond an unlinked port, in every mode, with the longest I/O stall bounded.
+
+Three faults hit one portal (or one replica's target) while a writer runs:
+
+- ``drop``: every TCP segment to and from the portal is dropped silently (tc on lo), so no
+  RST or ICMP tells the host: only the keep-alive timeout (``kato``) notices;
+- ``restart``: the target's subsystem and its port are torn down and re-created with the same
+  data (same uuid, same backing file), as a target service restart does;
+- ``flap``: the portal goes down and up every second, several times.
+
+Each bound is derived from the timeouts that bound the stall (doc/source/faults.rst):
+``kato`` (the kernel's default, read from sysfs), ``reconnect_delay`` and
+``leg_fast_io_fail_tmo`` of the connector's policy.  Every block written is verified and no
+controller, md array or dm map is left.  Lean on purpose: each mode runs in the VM where it is
+the interesting case (single path and RAID1 with native multipath off, native multipath and
+DM over native-multipathed replicas with it on), so each VM runs six of these.
+"""
+
+import os
+import time
+
+import pytest
+
+from nvmeof_mp.lab.workload import Writer, verify, wait_for
+from test_gate import NQN, controllers, info, one_subsystem, record, replicas
+
+pytestmark = pytest.mark.usefixtures("no_leftovers")
+
+#: scheduling slack of the emulated VM (a connect, a context switch under TCG)
+SLACK = 1.5
+#: one SYN retry: nvme-tcp connects with TCP_SYNCNT 1, so a connect to a silent portal
+#: gives up after 1 + 2 s
+SYN_GIVE_UP = 3.0
+FLAPS = 4
+DEFAULT_KATO = 5          # NVME_DEFAULT_KATO of the kernel; the policy leaves it unset
+
+
+def kato():
+    values = []
+    for name in os.listdir("/sys/class/nvme"):
+        try:
+            with open("/sys/class/nvme/%s/kato" % name) as f:
+                values.append(int(f.read()))
+        except (OSError, ValueError):
+            pass
+    return max(values or [DEFAULT_KATO])
+
+
+def drop_for(policy):
+    """Longer than keep-alive detection (a keep-alive every kato/2, answered within kato)."""
+    return 2 * kato() + 2
+
+
+class Fault:
+    """One fault on portal ``pid``/``svc`` of subsystem ``nqn``: ``run`` injects it and heals
+    it; ``window`` is how long the portal is away; ``bound`` the longest stall allowed."""
+
+    def __init__(self, kind, target, nqn, pid, svc, policy):
+        self.kind, self.target, self.nqn, self.pid, self.svc = kind, target, nqn, pid, svc
+        self.policy = policy
+        self.window = {"drop": drop_for(policy), "restart": 4.0, "flap": 2.0 * FLAPS}[kind]
+
+    def run(self):
+        t = self.target
+        if self.kind == "drop":
+            t.drop_port(self.svc)
+            time.sleep(self.window)
+            t.undrop_ports()
+        elif self.kind == "restart":
+            t.stop_subsystem(self.nqn)
+            time.sleep(self.window)
+            t.start_subsystem(self.nqn)
+        else:
+            for _ in range(FLAPS):
+                t.unlink(self.pid, self.nqn)
+                time.sleep(1.0)
+                t.link(self.pid, self.nqn)
+                time.sleep(1.0)
+
+    def bound(self, mode):
+        """(seconds, what bounds it)."""
+        p, k = self.policy, kato()
+        if mode == "single":            # I/O queues (no fast_io_fail) until a reconnect
+            if self.kind == "drop":
+                return (self.window + SYN_GIVE_UP + p.reconnect_delay + SLACK,
+                        "window + SYN give-up + reconnect_delay")
+            return self.window + p.reconnect_delay + SLACK, "window + reconnect_delay"
+        if mode == "native":            # the kernel requeues on the other path
+            if self.kind == "drop":
+                return 1.5 * k + SLACK, "kato/2 + kato (keep-alive)"
+            if self.kind == "restart":      # both portals are the restarted target's
+                return self.window + p.reconnect_delay + SLACK, "window + reconnect_delay"
+            return 2.0, "none: a closed connection fails over at once"
+        # replica legs: md / dm fail the leg after leg_fast_io_fail_tmo
+        ff = p.leg_fast_io_fail_tmo
+        if self.kind == "drop":
+            return 1.5 * k + ff + SLACK, "kato/2 + kato + leg_fast_io_fail_tmo"
+        return ff + 1.0, "leg_fast_io_fail_tmo"
+
+
+def measure(device, fault, mode):
+    w = Writer(device)
+    w.start()
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    fault.run()
+    took = time.monotonic() - t0
+    time.sleep(2.0)
+    w.stop()
+    assert not w.errors, w.errors[:5]
+    assert w.ops > 0
+    assert verify(device, w.expected) == []
+    bound, why = fault.bound(mode)
+    record("fault=%s mode=%s: longest I/O stall %.2fs (bound %.1fs: %s), fault %.1fs, "
+           "%d writes, %d blocks verified"
+           % (fault.kind, mode, w.max_stall, bound, why, took, w.ops, len(w.expected)))
+    assert w.max_stall < bound, (w.max_stall, bound, why)
+    return w
+
+
+FAULTS = ("drop", "restart", "flap")
+
+
+@pytest.mark.no_native
+@pytest.mark.parametrize("kind", FAULTS)
+def test_single_path_two_portals(target, kind):
+    from nvmeof_mp.connector import NVMeOFConnector
+    single = NVMeOFConnector(root_helper=os.environ["NVMEOF_MP_ROOT_HELPER"],
+                             use_multipath=False)
+    one_subsystem(target)
+    result = single.connect_volume(info())
+    assert len(controllers()) == 1          # the first portal that answers
+    measure(result["path"], Fault(kind, target, NQN, 1, 4420, single.policy), "single")
+    assert wait_for(lambda: set(controllers().values()) == {"live"}, 30), controllers()
+    single.disconnect_volume(info(), result)
+
+
+@pytest.mark.native
+@pytest.mark.parametrize("kind", FAULTS)
+def test_native_multipath(connector, target, kind):
+    one_subsystem(target, ana=True)
+    result = connector.connect_volume(info())
+    measure(result["path"], Fault(kind, target, NQN, 1, 4420, connector.policy), "native")
+    assert wait_for(lambda: set(controllers().values()) == {"live"}, 30), controllers()
+    connector.disconnect_volume(info(), result)
+
+
+@pytest.mark.no_native
+@pytest.mark.parametrize("kind", FAULTS)
+def test_raid1(connector, target, kind):
+    raid = {"volume_replicas": replicas(target), "alias": "faultvol"}
+    result = connector.connect_volume(raid)
+    assert not result["degraded"]
+    measure(result["path"], Fault(kind, target, NQN + "-b", 2, 4421, connector.policy),
+            "raid1")
+    assert wait_for(lambda: set(controllers().values()) == {"live"}, 30), controllers()
+    connector.disconnect_volume(raid, result)
+
+
+@pytest.mark.native
+@pytest.mark.parametrize("kind", FAULTS)
+def test_dm_over_native_multipath(connector, target, kind):
+    dm = {"vol_uuid": "3c1b2a9e-77d4-4e0b-8f6a-0c9d2e4b5a11",
+          "dm_replicas": replicas(target, shared_backing=True)}
+    result = connector.connect_volume(dm)
+    assert not result["degraded"]
+    measure(result["path"], Fault(kind, target, NQN + "-a", 1, 4420, connector.policy), "dm")
+    assert wait_for(lambda: set(controllers().values()) == {"live"}, 30), controllers()
+    connector.disconnect_volume(dm, result)

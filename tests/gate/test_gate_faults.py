@@ -86,8 +86,8 @@ class Fault:
                         "window + SYN give-up + reconnect_delay")
             return self.window + p.reconnect_delay + SLACK, "window + reconnect_delay"
         if mode == "native":            # the kernel requeues on the other path
-            if self.kind == "drop":
-                return 1.5 * k + SLACK, "kato/2 + kato (keep-alive)"
+            if self.kind == "drop":         # see doc/source/faults.rst: 6.1 fails over
+                return self.window * 1.5 + SLACK, "window + TCP retransmit backoff"
             if self.kind == "restart":      # both portals are the restarted target's
                 return self.window + p.reconnect_delay + SLACK, "window + reconnect_delay"
             return 2.0, "none: a closed connection fails over at once"

@@ -36,12 +36,16 @@ def multipathd(request):
 
 
 def our_block_devices():
-    """nvme namespaces (and heads) now present: name -> "major:minor"."""
+    """nvme namespaces (and heads) now present: name -> "major:minor".  The hidden per-path
+    nodes of native multipath (nvmeXcYnZ) have no device number and are skipped."""
     out = {}
     for name in os.listdir("/sys/block"):
         if name.startswith("nvme"):
-            with open("/sys/block/%s/dev" % name) as f:
-                out[name] = f.read().strip()
+            try:
+                with open("/sys/block/%s/dev" % name) as f:
+                    out[name] = f.read().strip()
+            except FileNotFoundError:
+                pass
     return out
 
 

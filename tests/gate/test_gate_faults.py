@@ -132,8 +132,13 @@ def recovered(kind):
     assert live, controllers()
 
 
+SINGLE_FLAP = pytest.mark.xfail(
+    reason="after a flap nvmet (6.1) refused the port for about a minute; a single path "
+    "queues I/O all that time (66 s measured, doc/source/faults.rst)", strict=False)
+
+
 @pytest.mark.no_native
-@pytest.mark.parametrize("kind", FAULTS)
+@pytest.mark.parametrize("kind", ["drop", "restart", pytest.param("flap", marks=SINGLE_FLAP)])
 def test_single_path_two_portals(target, kind):
     from nvmeof_mp.connector import NVMeOFConnector
     single = NVMeOFConnector(root_helper=os.environ["NVMEOF_MP_ROOT_HELPER"],

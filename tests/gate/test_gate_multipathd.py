@@ -53,8 +53,9 @@ def multipath_claims(target):
     """What multipathd did to us: its maps, foreign dm maps over our devices, our devices it
     marked as multipath paths."""
     found = []
+    # multipath-tools 0.9.4 answers "ok" when it has no map
     maps = [line for line in target.multipathd_show("maps").splitlines()
-            if line.strip() and not line.startswith("name")]
+            if line.strip() not in ("", "ok") and not line.startswith("name")]
     found += ["map: " + line for line in maps]
     devs = our_block_devices()
     for name, dm in target.dm_tables().items():

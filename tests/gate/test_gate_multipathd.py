@@ -35,6 +35,17 @@ def multipathd(request):
     agent.stop_multipathd()
 
 
+@pytest.fixture(autouse=True)
+def known_claims(request, multipathd):
+    """Known defect (doc/source/faults.rst): with native multipath off, multipathd under
+    ``find_multipaths greedy`` claims our devices.  Kept visible as an xfail until fixed."""
+    from nvmeof_mp.lab.workload import native_multipath
+    if multipathd == "greedy" and not native_multipath():
+        request.applymarker(pytest.mark.xfail(
+            reason="greedy multipathd claims NVMe devices with nvme_core.multipath=N",
+            strict=False))
+
+
 def our_block_devices():
     """nvme namespaces (and heads) now present: name -> "major:minor".  The hidden per-path
     nodes of native multipath (nvmeXcYnZ) have no device number and are skipped."""

@@ -45,6 +45,8 @@ class Target:
         self._backing_files: list[Path] = []
         self._loops: list[str] = []
         self._held: list[int] = []
+        self._dropping: set[int] = set()
+        self._stopped: dict[str, dict] = {}
 
     # -- subsystems / namespaces ------------------------------------------------------------
     def _subsys(self, nqn: str) -> Path:
@@ -170,6 +172,108 @@ class Target:
         self._ensure_ana_group(int(group))
         _write(self._port(port_id) / "ana_groups" / str(group) / "ana_state", state)
 
+    # -- faults beyond an unlink (tests/gate/test_gate_faults.py) ---------------------------
+    def drop_port(self, trsvcid) -> None:
+        """Drop every TCP segment to or from ``trsvcid`` on loopback, silently (no RST, no
+        ICMP): only keep-alive and I/O timeouts notice.  tc on lo sees both directions."""
+        svc = int(trsvcid)
+        if not self._dropping:
+            _tc("qdisc", "add", "dev", "lo", "root", "handle", "1:", "prio")
+        for field in ("dport", "sport"):
+            _tc("filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1",
+                "u32", "match", "ip", "protocol", "6", "0xff", "match", "ip", field, str(svc),
+                "0xffff", "action", "drop")
+        self._dropping.add(svc)
+
+    def undrop_ports(self) -> None:
+        """Remove every drop rule (the whole qdisc: nothing else of ours lives on lo)."""
+        if self._dropping:
+            subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True)
+        self._dropping.clear()
+
+    def stop_subsystem(self, nqn: str) -> None:
+        """A target restart, first half: unlink ``nqn`` from its ports, remove ports left
+        empty, disable and remove its namespaces and the subsystem; the backing data stays."""
+        sub = self._subsys(nqn)
+        saved = {"attrs": {}, "namespaces": [], "ports": [], "empty_ports": []}
+        for attr in ("attr_allow_any_host", "attr_serial", "attr_model"):
+            if (sub / attr).exists():
+                saved["attrs"][attr] = (sub / attr).read_text().strip()
+        for port in sorted((self.root / "ports").iterdir()):
+            if (port / "subsystems" / nqn).is_symlink():
+                (port / "subsystems" / nqn).unlink()
+                saved["ports"].append(port.name)
+                if not any((port / "subsystems").iterdir()):
+                    saved["empty_ports"].append(self._port_config(port))
+                    for group in (port / "ana_groups").iterdir():
+                        if group.name != "1":
+                            group.rmdir()
+                    port.rmdir()
+        for ns in sorted((sub / "namespaces").iterdir(), key=lambda p: int(p.name)):
+            conf = {"nsid": ns.name}
+            for attr in ("device_path", "device_uuid", "device_nguid", "ana_grpid",
+                         "buffered_io"):
+                if (ns / attr).exists():
+                    conf[attr] = (ns / attr).read_text().strip()
+            saved["namespaces"].append(conf)
+            _write(ns / "enable", 0)
+            ns.rmdir()
+        sub.rmdir()
+        self._stopped[nqn] = saved
+
+    def start_subsystem(self, nqn: str) -> None:
+        """Second half: re-create what ``stop_subsystem`` removed, with the same data."""
+        saved = self._stopped.pop(nqn)
+        for port in saved["empty_ports"]:
+            self.add_port(port["id"], port["trsvcid"], port["traddr"], port["trtype"],
+                          port["adrfam"])
+            for group, state in port["ana"].items():
+                self.set_ana_state(port["id"], int(group), state)
+        sub = self._subsys(nqn)
+        sub.mkdir()
+        for attr, value in saved["attrs"].items():
+            try:
+                _write(sub / attr, value)
+            except OSError:
+                pass            # e.g. a serial the kernel will not take twice: not needed
+        for conf in saved["namespaces"]:
+            ns = sub / "namespaces" / conf["nsid"]
+            ns.mkdir()
+            for attr in ("device_path", "buffered_io", "device_uuid", "device_nguid",
+                         "ana_grpid"):
+                if attr in conf and not (attr == "device_nguid" and not conf[attr].strip("0-")):
+                    _write(ns / attr, conf[attr])
+            _write(ns / "enable", 1)
+        for port in saved["ports"]:
+            self.link(port, nqn)
+
+    def _port_config(self, port: Path) -> dict:
+        def attr(name):
+            return (port / name).read_text().strip()
+        return {"id": int(port.name), "trsvcid": attr("addr_trsvcid"),
+                "traddr": attr("addr_traddr"), "trtype": attr("addr_trtype"),
+                "adrfam": attr("addr_adrfam"),
+                "ana": {g.name: (g / "ana_state").read_text().strip()
+                        for g in (port / "ana_groups").iterdir()}}
+
+    # -- multipathd alongside (tests/gate/test_gate_multipathd.py) ---------------------------
+    def start_multipathd(self, greedy: bool = False) -> str:
+        """multipathd with Debian's default configuration (no /etc/multipath.conf), or with
+        ``find_multipaths greedy``; returns its version line."""
+        return start_multipathd(greedy)
+
+    def stop_multipathd(self) -> None:
+        stop_multipathd()
+
+    def multipathd_show(self, what: str = "maps") -> str:
+        if what not in ("maps", "paths", "config"):
+            raise ValueError(what)
+        return _multipathd("show", what)
+
+    def dm_tables(self) -> dict:
+        """Every dm map: name -> {"uuid": .., "table": ..}."""
+        return dm_tables()
+
     # -- inspection / cleanup ---------------------------------------------------------------
     def state(self) -> dict:
         """Snapshot: ports with linked subsystems and ANA states, subsystems with namespaces."""
@@ -252,6 +356,8 @@ class Target:
         """Remove every port, subsystem and host in dependency order (links first)."""
         self.release_exclusive()
         self.umount_scratch()
+        self.undrop_ports()
+        self._stopped.clear()
         for port in (self.root / "ports").iterdir():
             for link in (port / "subsystems").iterdir():
                 link.unlink()
@@ -300,6 +406,59 @@ def cleanup_initiator():
 
 REGISTRY = "/var/lib/nvmeof_mp"
 SCRATCH_MOUNT = "/run/nvmeof-lab/scratch"
+
+
+def _tc(*args) -> None:
+    subprocess.run(["tc", *args], check=True, capture_output=True)
+
+
+MULTIPATH_CONF = "/etc/multipath.conf"
+MULTIPATHD_PID = "/run/multipathd.pid"
+
+
+def _multipathd(*args) -> str:
+    return subprocess.run(["multipathd", *args], capture_output=True, text=True,
+                          timeout=30).stdout
+
+
+def start_multipathd(greedy=False):
+    if greedy:
+        with open(MULTIPATH_CONF, "w") as f:
+            f.write("defaults {\n    find_multipaths greedy\n}\n")
+    elif os.path.exists(MULTIPATH_CONF):
+        os.unlink(MULTIPATH_CONF)
+    subprocess.run(["modprobe", "dm_multipath"], capture_output=True)
+    subprocess.run(["multipathd"], check=True, capture_output=True, timeout=30)
+    import time
+    end = time.monotonic() + 30
+    while time.monotonic() < end:       # lab helper: the daemon answers on its socket once up
+        out = _multipathd("show", "daemon")
+        if "running" in out or "idle" in out:
+            break
+        time.sleep(0.2)
+    return _multipathd("show", "daemon").strip()
+
+
+def stop_multipathd():
+    subprocess.run(["multipathd", "shutdown"], capture_output=True, timeout=30)
+    import time
+    end = time.monotonic() + 30
+    while time.monotonic() < end and subprocess.run(
+            ["pidof", "multipathd"], capture_output=True).returncode == 0:
+        time.sleep(0.2)
+    if os.path.exists(MULTIPATH_CONF):
+        os.unlink(MULTIPATH_CONF)
+
+
+def dm_tables():
+    out = {}
+    for dm in sorted(d for d in os.listdir("/sys/block") if d.startswith("dm-")):
+        name = Path("/sys/block/%s/dm/name" % dm).read_text().strip()
+        uuid = Path("/sys/block/%s/dm/uuid" % dm).read_text().strip()
+        table = subprocess.run(["dmsetup", "table", name], capture_output=True,
+                               text=True).stdout.strip()
+        out[name] = {"uuid": uuid, "table": table, "dev": dm}
+    return out
 
 
 def clear_registry():
@@ -400,7 +559,8 @@ AGENT_OPS = ("add_subsystem", "allow_host", "set_host_keys", "auth_supported", "
              "remove_namespace", "add_port", "link", "unlink", "set_ana_state", "state",
              "teardown", "cleanup_initiator", "kill_process", "mount_scratch",
              "umount_scratch", "hold_exclusive", "release_exclusive", "clear_registry",
-             "rdma")
+             "rdma", "drop_port", "undrop_ports", "stop_subsystem", "start_subsystem",
+             "start_multipathd", "stop_multipathd", "multipathd_show", "dm_tables")
 
 
 class TargetAgent:

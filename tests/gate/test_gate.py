@@ -265,15 +265,17 @@ def test_raid1_with_leg_failure_during_io(connector, target):
     assert not os.path.exists("/dev/md/gatevol")
 
 
-def dm_case(connector, target):
-    reps = replicas(target, shared_backing=True)
+def dm_case(connector, target, reps=None):
+    """dm-multipath over two replicas (``reps``, default two TCP replicas on one backing
+    file): the first replica's path lost under I/O, healed, detached."""
+    reps = reps or replicas(target, shared_backing=True)
     dm = {"vol_uuid": UTOP, "dm_replicas": reps}
     result = connector.connect_volume(dm)
     assert result["path"] == "/dev/mapper/" + UTOP and not result["degraded"]
     w = stall_under_failure(result["path"], lambda: target.unlink(1, NQN + "-a"),
                             lambda: target.link(1, NQN + "-a"))
     assert w.max_stall < STALL_LIMIT
-    assert wait_for(lambda: set(controllers().values()) == {"live"}, 20)
+    assert wait_for(lambda: set(controllers().values()) == {"live"}, 30)
     connector.check_paths(dm)                            # heal: reinstate the failed path
     status = connector.kernel.dm_status(UTOP)
     assert set(status.values()) == {"A"}, status

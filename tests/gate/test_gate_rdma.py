@@ -8,7 +8,7 @@ import os
 import time
 
 import pytest
-from test_gate import (NQN, STALL_LIMIT, U1, U2, UTOP, controllers, md_degraded, record,
+from test_gate import (NQN, STALL_LIMIT, U1, U2, controllers, dm_case, md_degraded, record,
                        stall_under_failure)
 
 from nvmeof_mp.lab.workload import Writer, verify, wait_for
@@ -209,15 +209,4 @@ def test_rdma_raid1_leg_loss_during_io(connector, target, addr):
 
 @pytest.mark.root_too
 def test_rdma_dm_multipath_leg_loss_during_io(connector, target, addr):
-    dm = {"vol_uuid": UTOP, "dm_replicas": rdma_replicas(target, addr, shared_backing=True)}
-    result = connector.connect_volume(dm)
-    assert result["path"] == "/dev/mapper/" + UTOP and not result["degraded"]
-    w = stall_under_failure(result["path"], lambda: target.unlink(1, NQN + "-a"),
-                            lambda: target.link(1, NQN + "-a"))
-    assert w.max_stall < STALL_LIMIT
-    assert wait_for(lambda: set(controllers().values()) == {"live"}, 30)
-    connector.check_paths(dm)                            # heal: reinstate the failed path
-    status = connector.kernel.dm_status(UTOP)
-    assert set(status.values()) == {"A"}, status
-    connector.disconnect_volume(dm, result)
-    assert not os.path.exists(result["path"])
+    dm_case(connector, target, rdma_replicas(target, addr, shared_backing=True))

@@ -30,20 +30,22 @@ def _valid_uuid(value):
     return None if u.int == 0 else str(u)
 
 
-def host_authenticates(root="/"):
+def host_authenticates(root="/", release=None):
     """Does this kernel's NVMe host speak DH-HMAC-CHAP (NVME_HOST_AUTH)?  nvme_auth is then
-    loaded with nvme_core (or built in).  Without it Linux takes ``dhchap_secret=`` and ignores
-    it: the connect succeeds unauthenticated (Debian's 6.1)."""
+    loaded with nvme_core, built in, or (nvme_core not loaded yet: the first attach after
+    boot) among the kernel's modules, which nvme_core loads.  Without it Linux takes
+    ``dhchap_secret=`` and ignores it: the connect succeeds unauthenticated (Debian's 6.1)."""
     if os.path.isdir(os.path.join(root, "sys/module/nvme_auth")):
         return True
-    release = platform.release()
+    release = release or platform.release()
     for base in ("lib/modules", "usr/lib/modules"):
-        try:
-            with open(os.path.join(root, base, release, "modules.builtin")) as f:
-                if "/nvme-auth.ko" in f.read():
-                    return True
-        except OSError:
-            pass
+        for index in ("modules.builtin", "modules.dep"):
+            try:
+                with open(os.path.join(root, base, release, index)) as f:
+                    if "/nvme-auth.ko" in f.read():
+                        return True
+            except OSError:
+                pass
     return False
 
 

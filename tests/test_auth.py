@@ -108,3 +108,17 @@ def test_an_io_error_of_an_authenticated_connect_names_the_key(lab, caplog):
     lab.sim.connect = lambda opts, hold=None: dict(eio)
     plain = pytest.raises(NVMeOFError, lab.connector.connect_volume, conninfo(portals=[P1]))
     assert "DH-HMAC-CHAP" not in str(plain.value)      # no key given: no key blamed
+
+
+def test_host_authentication_is_known_before_nvme_core_is_loaded(tmp_path):
+    """The first attach after boot: nvme_core (and with it nvme_auth) is not loaded yet; the
+    kernel's module index says whether it can authenticate."""
+    from nvmeof_mp.hostinfo import host_authenticates
+    modules = tmp_path / "usr/lib/modules/6.12.0-test"
+    modules.mkdir(parents=True)
+    (modules / "modules.dep").write_text(
+        "kernel/drivers/nvme/host/nvme-core.ko.xz: kernel/drivers/nvme/common/nvme-auth.ko.xz\n"
+        "kernel/drivers/nvme/common/nvme-auth.ko.xz:\n")
+    assert host_authenticates(str(tmp_path), "6.12.0-test")
+    (modules / "modules.dep").write_text("kernel/drivers/nvme/host/nvme-core.ko:\n")
+    assert not host_authenticates(str(tmp_path), "6.12.0-test")

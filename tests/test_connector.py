@@ -293,14 +293,18 @@ def test_optimized_path_is_awaited_briefly(lab):
 
 
 def test_concurrent_attaches_of_different_subsystems(lab):
+    import dataclasses
     n = 16
     for i in range(n):
         lab.target(nqn="%s-%d" % (NQN, i), namespaces=((1, "00000000-0000-4000-8000-%012d" % i),))
     results, errors = {}, []
+    # the simulated clock is shared: every thread's poll sleeps advance it for all sixteen,
+    # so under load one attach could see its device deadline pass on fake time alone
+    patient = dataclasses.replace(lab.connector.policy, device_timeout=3600.0)
 
     def attach(i):
         try:
-            c = lab.new_connector()
+            c = lab.new_connector(policy=patient)
             results[i] = c.connect_volume(conninfo(nqn="%s-%d" % (NQN, i),
                                                    uuid="00000000-0000-4000-8000-%012d" % i))
         except Exception as e:  # pragma: no cover - reported below

@@ -117,16 +117,8 @@ class NVMeOFConnector:
         when this process may use it (root: the heal timer), else this process's own."""
         from nvmeof_mp.locks import service_directory
         theirs = (record or {}).get("lock_path")
-        if theirs and theirs != self.lock_path and os.geteuid() == 0 and os.path.isabs(theirs):
-            try:
-                st = os.lstat(theirs)
-            except OSError:
-                return self.lock_path
-            # a service user's own directory, nobody else may write: never a system directory
-            # a record names (root would make lock files in it)
-            import stat
-            if stat.S_ISDIR(st.st_mode) and st.st_uid != 0 and not st.st_mode & 0o022:
-                return service_directory(theirs)
+        if theirs and theirs != self.lock_path:
+            return service_directory(theirs) or self.lock_path
         return self.lock_path
 
     def connect_volume(self, connection_properties):

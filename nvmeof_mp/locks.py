@@ -80,11 +80,20 @@ _services = set()
 
 
 def service_directory(path):
-    """Root may lock in ``path``, a service's own lock directory owned by the service's user:
-    the heal timer takes a volume's lock where the service that attached it (nova-compute,
-    cinder-volume) takes it.  Files it makes there belong to the directory's owner."""
-    if os.getuid() == 0:
-        _services.add(path)
+    """``path`` when root may lock in it as a service's own lock directory, else None: the
+    heal timer takes a volume's lock where the service that attached it (nova-compute,
+    cinder-volume) takes it.  Only a directory a service user owns and nobody else may write,
+    never a system directory (root would make lock files in it); files root makes there
+    belong to the directory's owner."""
+    if os.getuid() != 0 or not os.path.isabs(path):
+        return None
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid == 0 or st.st_mode & 0o022:
+        return None
+    _services.add(path)
     return path
 
 

@@ -120,14 +120,7 @@ class Registry:
 
     def users(self, nqn, host_nqn, but=None):
         """References of volumes other than ``but`` to (nqn, host_nqn)."""
-        directory = os.path.join(self.base, "refs", store.subsystem_name(nqn, host_nqn))
-        try:
-            names = sorted(os.listdir(directory))
-        except OSError:
-            return []
-        refs = (self._read("refs", os.path.basename(directory), n) for n in names
-                if n.endswith(".json"))
-        return [r for r in refs if r and r.get("key") != but]
+        return store.users(self.base, nqn, host_nqn, but)
 
     def secret_info(self, key):
         """The connection information with its secrets: readable by root only."""

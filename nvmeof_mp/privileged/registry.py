@@ -190,19 +190,15 @@ def hold(root, key, nqn, host_nqn, adopted, owner, record=None, secret_info=None
 
 
 def users(base, nqn, host_nqn, but=None):
-    """Volume keys other than ``but`` that hold (nqn, host_nqn)."""
+    """The references of volumes other than ``but`` that hold (nqn, host_nqn) (the daemon
+    and every reading process use this one)."""
     directory = os.path.join(base, "refs", subsystem_name(nqn, host_nqn))
     try:
         names = sorted(os.listdir(directory))
     except OSError:
         return []
-    out = []
-    for name in names:
-        if name.endswith(".json"):
-            ref = _read(os.path.join(directory, name))
-            if ref and ref.get("key") != but:
-                out.append(ref.get("key"))
-    return out
+    refs = (_read(os.path.join(directory, n)) for n in names if n.endswith(".json"))
+    return [r for r in refs if r and r.get("key") != but]
 
 
 def release(root, key, nqn, host_nqn, controllers, devices, delete, busy, drop=False):

@@ -45,6 +45,28 @@ KERNEL_XFAILS = (
 )
 #: per-test outcomes (JSON lines) in the run directory, for the coverage table
 RESULTS_FILE = "gate-results.jsonl"
+#: the modes of the coverage table's rows (``cover`` marker): single path, native NVMe
+#: multipath, RAID1 over volume_replicas, dm-multipath over dm_replicas (one portal each),
+#: dm-multipath over replicas that are each native-multipathed
+COVER_MODES = ("single", "native", "raid", "dm", "dm-native")
+#: the transports of the coverage table's columns
+COVER_TRANSPORTS = ("tcp", "rdma", "tcp+rdma")
+
+
+def cover_cells(item) -> list:
+    """The coverage-table cells a test declares with ``@pytest.mark.cover(scenario, mode=,
+    transport=)`` (on the test, or on one ``pytest.param`` of it): [{scenario, mode,
+    transport}].  A mode or transport outside COVER_MODES / COVER_TRANSPORTS is an error."""
+    cells = []
+    for mark in item.iter_markers("cover"):
+        scenario, = mark.args
+        mode = mark.kwargs.get("mode", "single")
+        transport = mark.kwargs.get("transport", "tcp")
+        if mode not in COVER_MODES or transport not in COVER_TRANSPORTS:
+            raise pytest.UsageError("%s: cover mode %r / transport %r unknown" % (
+                item.nodeid, mode, transport))
+        cells.append({"scenario": scenario, "mode": mode, "transport": transport})
+    return cells
 
 
 def root_helper():
@@ -84,6 +106,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if str(item.fspath).startswith(here):
             item.add_marker(pytest.mark.gate)
+            item.user_properties.append(("cover", cover_cells(item)))
             word = ON_REQUEST.get(os.path.basename(str(item.fspath)))
             if word and word not in asked:
                 item.add_marker(pytest.mark.skip(
@@ -113,6 +136,9 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "root_too: also runs as root without a root helper "
                             "(forked privsep daemon)")
     config.addinivalue_line("markers", "smoke: the sample run on every kernel (SMOKE_TESTS)")
+    config.addinivalue_line("markers", "cover(scenario, mode='single', transport='tcp'): the "
+                            "cell of the coverage table (doc/source/coverage.rst) this test "
+                            "proves; mode one of COVER_MODES")
 
 
 def result_record(report, kernel: str, multipath: bool, as_root: bool) -> dict:
@@ -126,7 +152,8 @@ def result_record(report, kernel: str, multipath: bool, as_root: bool) -> dict:
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **({"reason": report.longrepr[2]} if report.skipped
                and isinstance(report.longrepr, tuple) else {}),
-            **({"xfail": report.wasxfail} if hasattr(report, "wasxfail") else {})}
+            **({"xfail": report.wasxfail} if hasattr(report, "wasxfail") else {}),
+            "cover": dict(report.user_properties).get("cover", [])}
 
 
 def pytest_runtest_logreport(report):

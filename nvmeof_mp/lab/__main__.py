@@ -115,23 +115,12 @@ def cmd_demo(args) -> int:
     return _report(result, t0)
 
 
-#: ``gate --matrix``, the CI split (one VM each; fits 30 min on 2 cores with the fast suite):
-#: (kernel, nvme_core multipath, smoke tests only, passes or None for --passes).  6.1 (Debian
-#: 12, the deployment target) runs everything in both settings and passes, 6.12 everything
-#: with native multipath and the smoke tests without; 5.10 and 7.2, the oldest and newest,
-#: the smoke tests in one setting each (5.10 without native multipath, dm-multipath's era;
-#: 7.2 with it).  Only 6.1 has the root pass: it differs from the user pass in how the
-#: privsep daemon starts, not in what the kernel does, and costs minutes per VM.
-CI_MATRIX = (("6.1", "Y", False, None), ("6.1", "N", False, None),
-             ("6.12", "Y", False, ("user",)), ("6.12", "N", True, ("user",)),
-             ("5.10", "N", True, ("user",)), ("7.2", "Y", True, ("user",)))
-
-
 def gate_runs(args) -> list:
     """(kernel, multipath, smoke, passes) per VM: the CI matrix, or kernels x settings."""
-    passes = ("user", "root") if args.passes == "both" else (args.passes,)
+    from .gate import CI_MATRIX
     if args.matrix:
-        return [(v, mp, smoke, p or passes) for v, mp, smoke, p in CI_MATRIX]
+        return list(CI_MATRIX)
+    passes = ("user", "root") if args.passes == "both" else (args.passes,)
     settings = [args.nvme_multipath] if args.nvme_multipath else ["Y", "N"]
     return [(v, mp, args.smoke, passes) for v in _kernels(args) for mp in settings]
 
@@ -142,37 +131,60 @@ def cmd_gate(args) -> int:
     In each VM the suite runs as the lab user through the root helper, then its ``root_too``
     tests run again as root without a root helper (forked privsep daemon), see
     ``guest.gate_passes``.  Per-test outcomes (kernel, multipath, pass) are in each run's
-    ``gate-results.jsonl``.
+    ``gate-results.jsonl``; with ``--matrix`` the coverage table is made from them
+    (``lab.coverage``).  VMs run ``--lanes`` at a time (``gate.run_all``).
     """
-    from . import vm
+    from . import gate, vm
     t0 = time.monotonic()
-    for version in dict.fromkeys(run[0] for run in gate_runs(args)):
+    runs = gate_runs(args)
+    for version in dict.fromkeys(run[0] for run in runs):
         vm.prepare(version=version)
-    rcs = {}
+    lanes = args.lanes or (gate.CI_LANES if args.matrix else 1)
     extra = [a for a in args.pytest_args if a != "--"]
-    for version, mp, smoke, passes in gate_runs(args):
-        what = "smoke tests" if smoke else "passes"
-        print(f"lab: gate on kernel {version} with nvme_core multipath={mp}, {what}: "
-              f"{', '.join(passes)}", file=sys.stderr, flush=True)
+    echo = not args.quiet and lanes == 1
+
+    def start_vm(run):
+        version, mp, smoke, passes = run
         cmd = _guest_module_argv("_guest-gate", "--passes", ",".join(passes),
                                  *(["--only", "smoke"] if smoke else []), "--", *extra)
         kwargs = dict(_vm_kwargs(args), modprobe_options={"nvme_core": f"multipath={mp}"},
-                      kernel_version=version)
+                      kernel_version=version, echo=echo)
         kwargs["env"] = {"PYTHONDONTWRITEBYTECODE": "1"}
-        t1 = time.monotonic()
         result = vm.run_in_vm(cmd, **kwargs)
-        key = f"kernel {version} multipath={mp}{' smoke' if smoke else ''}"
-        rcs[key] = (_report(result, t0), time.monotonic() - t1)
-        for name in ("gate-passes.txt", "gate-metrics.txt"):
-            if (result.out_dir / name).exists():
-                print((result.out_dir / name).read_text(), end="", file=sys.stderr)
-        if (result.out_dir / "gate-results.jsonl").exists():
-            print(f"lab: per-test results {result.out_dir / 'gate-results.jsonl'}",
-                  file=sys.stderr)
+        rc = _report(result, t0)
+        gate.report_files(result.out_dir, echo=True)
+        if rc:
+            gate.print_failures(result.out_dir)
+        return rc, result.out_dir
+
+    def log(line):
+        print(line, file=sys.stderr, flush=True)
+
+    results = gate.run_all(runs, start_vm, lanes=lanes, log=log)
     print("lab: gate results " + ", ".join(f"{k}: rc={rc} ({s:.0f}s)"
-                                           for k, (rc, s) in rcs.items())
-          + f" in {time.monotonic() - t0:.0f}s", file=sys.stderr)
-    return 0 if all(rc == 0 for rc, _ in rcs.values()) else 1
+                                           for k, (rc, s, _) in results.items())
+          + f" in {time.monotonic() - t0:.0f}s ({lanes} at a time)", file=sys.stderr)
+    if args.matrix:
+        from . import coverage
+        dirs = [d for _, _, d in results.values() if d is not None]
+        (paths.lab_dir() / coverage.LAST_MATRIX).write_text("".join(f"{d}\n" for d in dirs))
+        coverage.report(dirs, log=log)
+    return 0 if all(rc == 0 for rc, _, _ in results.values()) else 1
+
+
+def cmd_coverage(args) -> int:
+    """The coverage table from gate runs (default: the last ``gate --matrix``)."""
+    from . import coverage
+    dirs = args.run_dirs
+    if not dirs:
+        last = paths.lab_dir() / coverage.LAST_MATRIX
+        if not last.exists():
+            raise LabError("no run directories given and no 'lab gate --matrix' run yet")
+        dirs = last.read_text().split()
+    failed = coverage.report(dirs, write=args.write, log=print)
+    if args.write:
+        print(f"lab: coverage table written to {args.write}")
+    return 1 if failed else 0
 
 
 OS_BRICK = "os-brick==7.1.1"     # the release measured in shared kernel facts
@@ -269,10 +281,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="only the tests marked smoke")
     p.add_argument("--matrix", action="store_true",
                    help="the CI split over all kernels (CI_MATRIX); ignores --kernel, "
-                   "--nvme-multipath and --smoke")
+                   "--nvme-multipath, --smoke and --passes")
+    p.add_argument("--lanes", type=int, default=0,
+                   help="VMs at once (default: %d with --matrix, else 1)" % 2)
     p.add_argument("pytest_args", nargs=argparse.REMAINDER)
     p.set_defaults(timeout=1800)
 
+    p = sub.add_parser("coverage", help="the coverage table from gate results (no VM)")
+    p.add_argument("run_dirs", nargs="*", help="run directories (default: the last --matrix)")
+    p.add_argument("--write", help="also write the table there (doc/source/coverage.rst)")
+    p.set_defaults(func=cmd_coverage)
     p = sub.add_parser("_guest-smoke")
     p.set_defaults(func=cmd_guest_smoke)
     p = sub.add_parser("_guest-gate")

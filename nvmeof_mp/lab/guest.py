@@ -79,22 +79,24 @@ def gate_passes(pytest_argv, extra_args=(), passes=("user", "root"), only=None) 
     options (a ``-m`` there wins).  A pass that selects nothing (pytest exit code 5) does not
     fail the gate unless every pass selects nothing.  Each pass's exit code and time go to
     ``gate-passes.txt`` in the result share.  ``only`` (a marker expression such as
-    ``smoke``) narrows both passes.
+    ``smoke``) narrows both passes; a pass named ``root:smoke`` is narrowed by the
+    expression after its colon alone.
     """
     out = os.environ.get("NVMEOF_MP_LAB_OUT")
     rcs = {}
     with target_session():
-        for name in passes:
+        for spec in passes:
+            name, _, narrow = spec.partition(":")
             marker = "gate" if name == "user" else "gate and " + ROOT_MARKER
-            if only:
-                marker += f" and ({only})"
+            for expression in filter(None, (only, narrow)):
+                marker += f" and ({expression})"
             cmd = [*pytest_argv, "-m", marker, *extra_args]
             if name == "user":
                 cmd = as_user(cmd)
             print(f"gate: {name} pass: -m {marker!r}", flush=True)
             t = time.monotonic()
-            rcs[name] = subprocess.run(cmd).returncode
-            line = (f"gate: {name} pass rc={rcs[name]} in {time.monotonic() - t:.1f}s"
+            rcs[spec] = subprocess.run(cmd).returncode
+            line = (f"gate: {spec} pass rc={rcs[spec]} in {time.monotonic() - t:.1f}s"
                     f" (kernel {os.uname().release})")
             print(line, flush=True)
             if out:

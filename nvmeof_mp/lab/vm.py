@@ -181,10 +181,26 @@ def _new_out_dir() -> Path:
     runs.mkdir(exist_ok=True)
     old = sorted(runs.iterdir())
     for stale in old[:-20]:  # keep the last runs for post-mortems, not forever
-        shutil.rmtree(stale, ignore_errors=True)
-    path = runs / time.strftime(f"%Y%m%d-%H%M%S-{os.getpid()}")
-    path.mkdir()
-    return path
+        if not _in_use(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+    stem = time.strftime(f"%Y%m%d-%H%M%S-{os.getpid()}")
+    for n in range(1000):   # several VMs of one process may start in the same second
+        path = runs / (stem if n == 0 else f"{stem}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise LabError(f"no free run directory {stem} in {runs}")
+
+
+def _in_use(run_dir: Path, recent: float = 3600) -> bool:
+    """A run directory whose console log changed within ``recent`` seconds: a VM (of this
+    or another lab process) may still be writing to it."""
+    try:
+        return time.time() - (run_dir / "console.log").stat().st_mtime < recent
+    except OSError:
+        return False
 
 
 def _fsdev_path(path: Path) -> str:

@@ -1,0 +1,88 @@
+"""The gate over kernels: which VMs run which passes (CI_MATRIX), and running them in lanes.
+
+Each VM boots one Debian kernel with one nvme_core multipath setting and runs the gate suite
+in it (``guest.gate_passes``).  A *pass* is ``user`` (the lab user through sudo + rootwrap)
+or ``root`` (root without a root helper: the forked privsep daemon), optionally narrowed by a
+marker expression after a colon: ``root:smoke`` is the root pass over the smoke tests only.
+
+VMs run ``lanes`` at a time.  Most of a gate VM's time is the guest waiting for the kernel
+(keep-alives, reconnects, device timeouts), not the host's CPU, so two VMs on the 2-core CI
+machine take far less than twice as long as one; more lanes than cores starve the guests.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import sys
+import time
+from pathlib import Path
+
+#: ``gate --matrix``, the CI split: (kernel, nvme_core multipath, smoke tests only, passes).
+#: 6.1 (Debian 12, the deployment target) runs everything with both settings; the root pass
+#: (how the privsep daemon starts, not what the kernel does) runs in full once, with
+#: multipath=Y, and over the smoke tests with N.  6.12 runs everything with native
+#: multipath and the smoke tests without; 5.10 and 7.2, the oldest and newest, the smoke
+#: tests in one setting each (5.10 without native multipath, dm-multipath's era; 7.2 with
+#: it).  Ordered longest first, which is how the lanes are filled.
+CI_MATRIX = (("6.1", "Y", False, ("user", "root")),
+             ("6.12", "Y", False, ("user",)),
+             ("6.1", "N", False, ("user", "root:smoke")),
+             ("6.12", "N", True, ("user",)),
+             ("5.10", "N", True, ("user",)),
+             ("7.2", "Y", True, ("user",)))
+#: VMs at once for ``--matrix`` (the 2-core CI machine)
+CI_LANES = 2
+
+
+def describe(run) -> str:
+    version, mp, smoke, passes = run
+    return (f"kernel {version} multipath={mp}{' smoke' if smoke else ''} "
+            f"({', '.join(passes)})")
+
+
+def run_all(runs, start_vm, lanes: int = 1, log=print) -> dict:
+    """Run ``start_vm(run)`` for each run, ``lanes`` at a time, longest (first) first.
+
+    ``start_vm`` returns (rc, out_dir).  Returns {describe(run): (rc, seconds, out_dir)} in
+    the order of ``runs``; an exception in one VM is that run's failure (rc 1), not the end
+    of the others.
+    """
+    def one(run):
+        t = time.monotonic()
+        log(f"lab: gate {describe(run)} started")
+        try:
+            rc, out_dir = start_vm(run)
+        except Exception as exc:    # a broken VM run fails that run, the others go on
+            log(f"lab: gate {describe(run)}: {type(exc).__name__}: {exc}")
+            rc, out_dir = 1, None
+        seconds = time.monotonic() - t
+        log(f"lab: gate {describe(run)} rc={rc} in {seconds:.0f}s")
+        return rc, seconds, out_dir
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, lanes)) as pool:
+        futures = {describe(run): pool.submit(one, run) for run in runs}
+        return {key: future.result() for key, future in futures.items()}
+
+
+def report_files(out_dir: Path | None, echo=True) -> None:
+    """The per-pass lines and metrics a VM left in its run directory, to stderr."""
+    if out_dir is None:
+        return
+    for name in ("gate-passes.txt", "gate-metrics.txt"):
+        if echo and (out_dir / name).exists():
+            print((out_dir / name).read_text(), end="", file=sys.stderr)
+    if (out_dir / "gate-results.jsonl").exists():
+        print(f"lab: per-test results {out_dir / 'gate-results.jsonl'}", file=sys.stderr)
+
+
+def print_failures(out_dir: Path | None, limit: int = 40) -> None:
+    """The failed tests and pytest's summary lines of a VM's console, to stderr (with lanes
+    the console is not echoed)."""
+    log = out_dir / "console.log" if out_dir else None
+    if log is None or not log.exists():
+        return
+    wanted = ("FAILED ", "ERROR ", " failed", " error", "Timeout", "gate: ")
+    lines = [line for line in log.read_text(errors="replace").splitlines()
+             if any(w in line for w in wanted)]
+    for line in lines[-limit:]:
+        print(f"  {out_dir.name}: {line}", file=sys.stderr)

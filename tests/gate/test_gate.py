@@ -88,6 +88,7 @@ def booted_multipath():
     return values[-1] in ("Y", "y", "1")
 
 
+@pytest.mark.cover("connector properties (nvme_native_multipath, host NQN and ID)")
 def test_properties(connector):
     from nvmeof_mp.connector import NVMeOFConnector
     props = NVMeOFConnector.get_connector_properties(os.environ["NVMEOF_MP_ROOT_HELPER"])
@@ -96,6 +97,7 @@ def test_properties(connector):
     assert props["nvme_hostid"]
 
 
+@pytest.mark.cover("attach, I/O, detach")
 @pytest.mark.root_too
 def test_single_path(connector, target):
     one_subsystem(target, ports=((1, 4420),))
@@ -112,6 +114,7 @@ def test_single_path(connector, target):
     assert controllers() == {}
 
 
+@pytest.mark.cover("attach, I/O, detach", mode="native")
 @pytest.mark.native
 @pytest.mark.root_too
 def test_native_multipath_two_portals(connector, target):
@@ -126,6 +129,7 @@ def test_native_multipath_two_portals(connector, target):
     connector.disconnect_volume(info(), result)
 
 
+@pytest.mark.cover("attach with a portal down")
 def test_single_path_request_with_first_portal_down(connector, target):
     from nvmeof_mp.connector import NVMeOFConnector
     one_subsystem(target, ports=((2, 4421),))
@@ -137,6 +141,7 @@ def test_single_path_request_with_first_portal_down(connector, target):
     single.disconnect_volume(info(), result)
 
 
+@pytest.mark.cover("path lost under I/O", mode="native")
 @pytest.mark.native
 def test_native_path_failure_during_io(connector, target):
     one_subsystem(target)
@@ -148,6 +153,7 @@ def test_native_path_failure_during_io(connector, target):
     connector.disconnect_volume(info(), result)
 
 
+@pytest.mark.cover("degraded attach, then heal", mode="native")
 @pytest.mark.native
 def test_degraded_attach_then_heal(connector, target):
     one_subsystem(target, ports=((1, 4420),))
@@ -160,6 +166,7 @@ def test_degraded_attach_then_heal(connector, target):
     connector.disconnect_volume(info(), healed)
 
 
+@pytest.mark.cover("shared subsystem: detach keeps the other volume", mode="native")
 @pytest.mark.native
 def test_detach_leaves_other_volume_on_subsystem(connector, target):
     one_subsystem(target, namespaces=((1, U1), (2, U2)))
@@ -179,6 +186,7 @@ def test_detach_leaves_other_volume_on_subsystem(connector, target):
     connector.disconnect_volume(info(U2), b)
 
 
+@pytest.mark.cover("extend (512 and 4096 byte blocks)", mode="native")
 @pytest.mark.native
 @pytest.mark.parametrize("lba", [512, 4096])
 def test_extend(connector, target, lba):
@@ -192,6 +200,7 @@ def test_extend(connector, target, lba):
     connector.disconnect_volume(info(), result)
 
 
+@pytest.mark.cover("ANA transition under I/O", mode="native")
 @pytest.mark.native
 def test_ana_transition_during_io(connector, target):
     one_subsystem(target, ana=True)
@@ -210,6 +219,7 @@ def test_ana_transition_during_io(connector, target):
     connector.disconnect_volume(info(), result)
 
 
+@pytest.mark.cover("heal after the kernel deleted a controller", mode="native")
 @pytest.mark.native
 def test_heal_after_the_kernel_deleted_a_controller(target):
     from nvmeof_mp.connector import NVMeOFConnector
@@ -249,6 +259,7 @@ def md_degraded(path):
         return int(f.read())
 
 
+@pytest.mark.cover("path lost under I/O, then heal", mode="raid")
 @pytest.mark.root_too
 def test_raid1_with_leg_failure_during_io(connector, target):
     reps = replicas(target)
@@ -283,18 +294,21 @@ def dm_case(connector, target, reps=None):
     assert not os.path.exists(result["path"])
 
 
+@pytest.mark.cover("path lost under I/O, then heal", mode="dm")
 @pytest.mark.no_native
 @pytest.mark.root_too
 def test_dm_multipath_over_replicas(connector, target):
     dm_case(connector, target)
 
 
+@pytest.mark.cover("path lost under I/O, then heal", mode="dm-native")
 @pytest.mark.native
 @pytest.mark.root_too
 def test_dm_multipath_over_native_multipath_replicas(connector, target):
     dm_case(connector, target)
 
 
+@pytest.mark.cover("8 volumes attached and detached at once", mode="native")
 def test_concurrent_attach_detach_of_8_volumes(connector, target):
     n = 8
     target.add_port(1, 4420)
@@ -321,6 +335,7 @@ def test_concurrent_attach_detach_of_8_volumes(connector, target):
     assert controllers() == {}
 
 
+@pytest.mark.cover("re-attach assembles from the legs' superblocks", mode="raid")
 def test_raid1_reattach_assembles_from_superblocks(connector, target):
     """Second attach: the legs carry superblocks and udev's incremental assembly may have
     grabbed them before us; the array must come up either way, with both legs."""

@@ -25,6 +25,7 @@ def sysfs(ctrl, attr):
         return f.read().strip()
 
 
+@pytest.mark.cover("attach with a portal down")
 def test_single_path_with_its_only_controller_connecting_uses_the_next_portal(target):
     single = single_path_connector()
     one_subsystem(target)
@@ -58,6 +59,7 @@ def test_single_path_with_its_only_controller_connecting_uses_the_next_portal(ta
     single.disconnect_volume(info(uuid=U2, nqn=HELPER, ports=(4421,)), helper)
 
 
+@pytest.mark.cover("per-volume host NQN")
 def test_per_volume_host_nqn_connects_with_its_own_host_id(connector, target):
     host_nqn = "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-4333-8444-555555555555"
     one_subsystem(target, ports=((1, 4420),))

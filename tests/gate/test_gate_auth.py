@@ -141,6 +141,7 @@ def live_attach(conn, target, caplog, vol, secret):
     return result
 
 
+@pytest.mark.cover("DH-HMAC-CHAP host key (one-way)")
 @pytest.mark.root_too
 def test_auth_host_wide_key_unidirectional(conn, auth_target, caplog):
     hostnqn = host_nqn(conn)
@@ -152,6 +153,7 @@ def test_auth_host_wide_key_unidirectional(conn, auth_target, caplog):
     assert auth_target.secret_files(HOST_KEY)["files"] == {}
 
 
+@pytest.mark.cover("DH-HMAC-CHAP host and controller keys (bidirectional)")
 def test_auth_host_wide_key_bidirectional(conn, auth_target, caplog):
     auth_subsystem(auth_target, host_nqn(conn), key=HOST_KEY, ctrl_key=CTRL_KEY)
     vol = dict(info(ports=(4420,)), dhchap_secret=HOST_KEY, dhchap_ctrl_secret=CTRL_KEY)
@@ -162,6 +164,7 @@ def test_auth_host_wide_key_bidirectional(conn, auth_target, caplog):
     conn.disconnect_volume(vol, result)
 
 
+@pytest.mark.cover("DH-HMAC-CHAP per-volume host NQN and key")
 def test_auth_per_volume_key_beside_host_wide_key(connector, auth_target, caplog):
     """Two volumes at once: one as this host (host-wide key), one with its own host NQN and
     its own key; each target knows only its host's key."""
@@ -197,12 +200,14 @@ def refused(conn, target, caplog, vol, secret):
     return text
 
 
+@pytest.mark.cover("DH-HMAC-CHAP missing or wrong key: clear error, nothing left")
 def test_auth_missing_key_is_enokey(conn, auth_target, caplog):
     auth_subsystem(auth_target, host_nqn(conn), key=HOST_KEY)
     text = refused(conn, auth_target, caplog, info(ports=(4420,)), HOST_KEY)
     assert "Required key not available" in text and "no dhchap_secret" in text
 
 
+@pytest.mark.cover("DH-HMAC-CHAP missing or wrong key: clear error, nothing left")
 def test_auth_wrong_key_is_ekeyrejected(conn, auth_target, caplog):
     auth_subsystem(auth_target, host_nqn(conn), key=HOST_KEY)
     vol = dict(info(ports=(4420,)), dhchap_secret=WRONG_KEY)
@@ -213,6 +218,7 @@ def test_auth_wrong_key_is_ekeyrejected(conn, auth_target, caplog):
         "Input/output error" in text and "rejected dhchap_secret" in text), text
 
 
+@pytest.mark.cover("DH-HMAC-CHAP missing or wrong key: clear error, nothing left")
 def test_auth_wrong_controller_key_is_ekeyrejected(conn, auth_target, caplog):
     auth_subsystem(auth_target, host_nqn(conn), key=HOST_KEY, ctrl_key=CTRL_KEY)
     vol = dict(info(ports=(4420,)), dhchap_secret=HOST_KEY, dhchap_ctrl_secret=WRONG_KEY)
@@ -220,6 +226,7 @@ def test_auth_wrong_controller_key_is_ekeyrejected(conn, auth_target, caplog):
     assert "Key was rejected by service" in text and "dhchap_ctrl_secret" in text
 
 
+@pytest.mark.cover("DH-HMAC-CHAP on a kernel without host authentication: refused")
 def test_auth_kernel_without_host_auth_refuses_a_secret(conn, target, caplog):
     """6.1: the kernel would ignore the keys and connect unauthenticated; the library says
     so and connects nothing (the target here needs no key: the kernel would have succeeded)."""

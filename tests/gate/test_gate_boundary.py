@@ -40,6 +40,7 @@ def write_and_verify(path):
     assert not w.errors and verify(path, w.expected) == []
 
 
+@pytest.mark.cover("Cinder nvmet connection info (old and new format)")
 @pytest.mark.root_too
 @pytest.mark.parametrize("nqn", CINDER_NQNS)
 @pytest.mark.parametrize("version", [1, 2])
@@ -65,6 +66,7 @@ def foreign_map():
     run("dmsetup", "remove", name)
 
 
+@pytest.mark.cover("privilege boundary: foreign objects refused", mode="dm")
 @pytest.mark.root_too
 @needs_root
 def test_the_daemon_leaves_a_foreign_dm_map_alone(connector, target, foreign_map):
@@ -108,6 +110,7 @@ def foreign_array(tmp_path):
         run("losetup", "-d", loop)
 
 
+@pytest.mark.cover("privilege boundary: foreign objects refused", mode="raid")
 @pytest.mark.root_too
 @needs_root
 def test_the_daemon_leaves_a_foreign_md_array_and_other_devices_alone(connector,
@@ -142,6 +145,7 @@ print("OK")
 """
 
 
+@pytest.mark.cover("privilege boundary: sudoers and rootwrap")
 @pytest.mark.root_too
 @needs_root
 def test_the_sudoers_rule_starts_our_context_and_no_other(target, tmp_path):

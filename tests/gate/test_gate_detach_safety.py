@@ -24,6 +24,7 @@ def short_flush():
                            policy=TimeoutPolicy(flush_timeout=FLUSH_TIMEOUT, ctrl_loss_tmo=-1))
 
 
+@pytest.mark.cover("detach with every path dead: bounded", mode="dm")
 def test_dm_detach_with_every_path_dead_is_bounded(short_flush, target):
     """Both replicas gone: the flush into the queueing map gives up after flush_timeout and
     the map stays (data kept); a forced detach then stops queueing and removes everything.
@@ -65,6 +66,7 @@ def test_dm_detach_with_every_path_dead_is_bounded(short_flush, target):
     assert not os.path.exists(result["path"]) and controllers() == {}
 
 
+@pytest.mark.cover("detach with every path dead: bounded", mode="native")
 def test_nvme_detach_with_every_path_dead_fails_fast_or_forces(short_flush, target):
     """Native multipath (both portals) or, with multipath off, the one connected portal."""
     connector = short_flush
@@ -86,6 +88,7 @@ def test_nvme_detach_with_every_path_dead_fails_fast_or_forces(short_flush, targ
     assert refused < 2 and forced < 10 and controllers() == {}
 
 
+@pytest.mark.cover("extend (512 and 4096 byte blocks)")
 @pytest.mark.parametrize("lba", [512, 4096])
 def test_extend_knows_the_target_size_and_does_not_wait(connector, target, lba):
     one_subsystem(target, lba=lba, ports=((1, 4420),))
@@ -108,6 +111,7 @@ def test_extend_knows_the_target_size_and_does_not_wait(connector, target, lba):
     connector.disconnect_volume(info(ports=(4420,)), result)
 
 
+@pytest.mark.cover("extend (512 and 4096 byte blocks)", mode="raid")
 def test_raid_extend_grows_both_legs_together(connector, target):
     raid = {"volume_replicas": replicas(target), "alias": "gatext"}
     result = connector.connect_volume(raid)

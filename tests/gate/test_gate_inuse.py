@@ -70,6 +70,7 @@ def linear_map(name, over):
     return os.path.basename(os.path.realpath("/dev/mapper/" + name))
 
 
+@pytest.mark.cover("namespace in use (mount, holder, swap, O_EXCL) seen")
 def test_a_namespace_in_use_is_seen_by_reads_and_by_the_exclusive_open(connector, target):
     one_subsystem(target, ports=((1, 4420),))
     result = connector.connect_volume(info(ports=(4420,)))

@@ -44,6 +44,7 @@ def superblock(leg):
     return sb[16:32], sb[32:64].rstrip(b"\0").decode()
 
 
+@pytest.mark.cover("no resync over the data: blank replacement leg", mode="raid")
 def test_raid_safety_data_leg_absent_with_a_blank_replacement(connector, target):
     """The leg holding the data is away and the other replica was re-made blank: refused
     (never an empty array); when the data leg returns it is assembled and the blank leg
@@ -68,6 +69,7 @@ def test_raid_safety_data_leg_absent_with_a_blank_replacement(connector, target)
     connector.disconnect_volume(raid, again)
 
 
+@pytest.mark.cover("no resync over the data: stale leg returns", mode="raid")
 def test_raid_safety_stale_leg_returns_after_writes(connector, target):
     """A leg that missed writes comes back: re-added (bitmap resync), the newer data kept.
     The alias is longer than md allows (KumoScale's volume-<uuid>): a derived md name."""
@@ -89,6 +91,7 @@ def test_raid_safety_stale_leg_returns_after_writes(connector, target):
     connector.disconnect_volume(raid, result)
 
 
+@pytest.mark.cover("single replica is the namespace", mode="raid")
 def test_raid_safety_kumoscale_single_replica_is_the_namespace(connector, target):
     target.add_subsystem(NQN + "-a")
     target.add_namespace(NQN + "-a", 1, 64, U1)
@@ -107,6 +110,7 @@ def test_raid_safety_kumoscale_single_replica_is_the_namespace(connector, target
 
 
 
+@pytest.mark.cover("no resync over the data: leg ahead of the array", mode="raid")
 def test_raid_safety_leg_ahead_of_the_array_is_left_out(connector, target):
     """Split history: B took writes while A was away, then A was assembled alone and took
     others.  When B returns it is ahead of the running array: md refuses the re-add, the

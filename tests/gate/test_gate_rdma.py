@@ -72,6 +72,7 @@ def write_and_verify(path, seconds=0.5):
     assert verify(path, w.expected) == []
 
 
+@pytest.mark.cover("attach, I/O, detach (rdma and RoCEv2)", transport="rdma")
 @pytest.mark.root_too
 @pytest.mark.parametrize("transport", ["rdma", "RoCEv2"])
 def test_rdma_single_path(connector, target, addr, transport):
@@ -89,6 +90,7 @@ def test_rdma_single_path(connector, target, addr, transport):
     assert controllers() == {}
 
 
+@pytest.mark.cover("Cinder's old format with RoCEv2", transport="rdma")
 @pytest.mark.root_too
 def test_rdma_old_style_roce_v2(connector, target, addr):
     """Cinder's older shape: one portal with ``transport_type: RoCEv2``."""
@@ -102,6 +104,7 @@ def test_rdma_old_style_roce_v2(connector, target, addr):
     assert controllers() == {}
 
 
+@pytest.mark.cover("attach, I/O, detach", mode="native", transport="rdma")
 @pytest.mark.native
 @pytest.mark.root_too
 def test_rdma_native_multipath(connector, target, addr):
@@ -126,6 +129,7 @@ def mixed(addr):
             "portals": [rdma_portal(addr, 4420), tcp_portal(4421)]}
 
 
+@pytest.mark.cover("attach, I/O, detach", mode="native", transport="tcp+rdma")
 @pytest.mark.native
 @pytest.mark.root_too
 def test_rdma_and_tcp_portals_one_volume(connector, target, addr):
@@ -141,6 +145,7 @@ def test_rdma_and_tcp_portals_one_volume(connector, target, addr):
     assert controllers() == {}
 
 
+@pytest.mark.cover("degraded attach, then heal", mode="native", transport="rdma")
 @pytest.mark.native
 def test_rdma_degraded_attach_then_heal(connector, target, addr):
     """The rdma port listens without the subsystem (rejected): the attach is degraded over
@@ -163,6 +168,7 @@ def test_rdma_degraded_attach_then_heal(connector, target, addr):
     assert controllers() == {}
 
 
+@pytest.mark.cover("path lost under I/O", mode="native", transport="tcp+rdma")
 @pytest.mark.native
 @pytest.mark.parametrize("survivor", ["tcp", "rdma"])
 def test_rdma_path_loss_during_io(connector, target, addr, survivor):
@@ -191,6 +197,7 @@ def rdma_replicas(target, addr, shared_backing=False):
             {"target_nqn": b, "vol_uuid": U2, "portals": [rdma_portal(addr, 4421)]}]
 
 
+@pytest.mark.cover("path lost under I/O, then heal", mode="raid", transport="rdma")
 @pytest.mark.root_too
 def test_rdma_raid1_leg_loss_during_io(connector, target, addr):
     raid = {"volume_replicas": rdma_replicas(target, addr), "alias": "gaterdma"}
@@ -207,6 +214,7 @@ def test_rdma_raid1_leg_loss_during_io(connector, target, addr):
     assert not os.path.exists("/dev/md/gaterdma")
 
 
+@pytest.mark.cover("path lost under I/O, then heal", mode="dm", transport="rdma")
 @pytest.mark.root_too
 def test_rdma_dm_multipath_leg_loss_during_io(connector, target, addr):
     dm_case(connector, target, rdma_replicas(target, addr, shared_backing=True))

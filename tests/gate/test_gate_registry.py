@@ -63,6 +63,7 @@ def io_works(device):
     return not w.errors and verify(device, w.expected) == []
 
 
+@pytest.mark.cover("shared subsystem: last volume takes the controllers", mode="native")
 @pytest.mark.root_too
 def test_registry_shared_subsystem_last_volume_takes_the_controllers(connector, target):
     shared_subsystem(target, (U1, U2, U3))
@@ -78,6 +79,7 @@ def test_registry_shared_subsystem_last_volume_takes_the_controllers(connector, 
     assert status() == []
 
 
+@pytest.mark.cover("shared subsystem: another process's volume keeps its paths", mode="native")
 @pytest.mark.root_too
 def test_registry_volume_of_another_process_keeps_its_paths(connector, target, tmp_path):
     shared_subsystem(target)
@@ -94,6 +96,7 @@ def test_registry_volume_of_another_process_keeps_its_paths(connector, target, t
     assert status() == []
 
 
+@pytest.mark.cover("shared subsystem: a namespace in use keeps the paths", mode="native")
 @pytest.mark.parametrize("how", ["mounted", "held"])
 def test_registry_namespace_in_use_by_something_else_keeps_its_paths(connector, target, how):
     """Another namespace of the subsystem, which this host's registry does not know, is
@@ -118,6 +121,7 @@ def test_registry_namespace_in_use_by_something_else_keeps_its_paths(connector, 
     target.cleanup_initiator()      # nobody holds them now: an operator removes them
 
 
+@pytest.mark.cover("process killed mid-attach: rolled back", mode="native")
 @pytest.mark.root_too
 def test_registry_process_killed_mid_attach_is_rolled_back_by_the_next_attach(connector,
                                                                              target):
@@ -133,6 +137,7 @@ def test_registry_process_killed_mid_attach_is_rolled_back_by_the_next_attach(co
     assert controllers() == {}
 
 
+@pytest.mark.cover("process killed mid-attach / mid-detach: heal --all", mode="native")
 @pytest.mark.root_too
 @pytest.mark.parametrize("phase", ["attach", "detach"])
 def test_registry_process_killed_mid_call_heal_all_leaves_a_consistent_host(target, phase):

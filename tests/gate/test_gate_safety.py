@@ -109,6 +109,7 @@ def unmap_and_detach(connector, target, paths):
     assert controllers() == {}
 
 
+@pytest.mark.cover("fresh process: two volumes of one subsystem back to back", mode="native")
 @pytest.mark.root_too
 def test_fresh_process_attaches_two_volumes_of_one_subsystem_back_to_back(connector, target):
     """As root the first privileged call forks the daemon: it must not take the subsystem
@@ -119,6 +120,7 @@ def test_fresh_process_attaches_two_volumes_of_one_subsystem_back_to_back(connec
     unmap_and_detach(connector, target, result["paths"])
 
 
+@pytest.mark.cover("eventlet greenthreads on one subsystem", mode="native")
 @pytest.mark.root_too
 def test_eventlet_greenthreads_attach_volumes_of_one_subsystem(connector, target):
     """nova-compute and cinder-volume run under eventlet.monkey_patch(): a greenthread waiting
@@ -179,13 +181,18 @@ def dm_case(target):
 DEAD_CASES = {"single": single_case, "native": native_case, "raid": raid_case, "dm": dm_case}
 
 
+def dead(mode):
+    return pytest.mark.cover("detach with every path dead: bounded", mode=mode)
+
+
 @pytest.mark.parametrize("mode,force", [
-    pytest.param("single", True, marks=pytest.mark.root_too),
-    pytest.param("single", False),
-    pytest.param("native", True, marks=[pytest.mark.native, pytest.mark.root_too]),
-    pytest.param("native", False, marks=pytest.mark.native),
-    pytest.param("raid", True, marks=pytest.mark.root_too),
-    pytest.param("dm", True, marks=pytest.mark.root_too),
+    pytest.param("single", True, marks=[pytest.mark.root_too, dead("single")]),
+    pytest.param("single", False, marks=dead("single")),
+    pytest.param("native", True, marks=[pytest.mark.native, pytest.mark.root_too,
+                                        dead("native")]),
+    pytest.param("native", False, marks=[pytest.mark.native, dead("native")]),
+    pytest.param("raid", True, marks=[pytest.mark.root_too, dead("raid")]),
+    pytest.param("dm", True, marks=[pytest.mark.root_too, dead("dm")]),
 ])
 def test_detach_with_every_path_dead(connector, target, mode, force):
     if mode == "raid" and force and kernel_version() >= (6, 12):
@@ -291,7 +298,11 @@ def killed_raid_case(target, silent):
 
 
 @pytest.mark.root_too
-@pytest.mark.parametrize("mode", [pytest.param("native", marks=pytest.mark.native), "raid"])
+@pytest.mark.parametrize("mode", [
+    pytest.param("native", marks=[pytest.mark.native, pytest.mark.cover(
+        "privsep daemon killed mid-attach", mode="native")]),
+    pytest.param("raid", marks=pytest.mark.cover("privsep daemon killed mid-attach",
+                                                 mode="raid"))])
 def test_privsep_daemon_killed_mid_attach(target, silent_port, mode):
     """The daemon dies while a portal connect waits: the attach must fail, not hang; the
     controller the dead daemon made for the first portal must not stay behind; the next

@@ -49,6 +49,7 @@ def events():
     return [text for entry in json.loads(out) for _, text in entry["events"]]
 
 
+@pytest.mark.cover("heal timer reconnects a deleted path", mode="native")
 def test_timer_reconnects_a_path_the_kernel_deleted_after_ctrl_loss_tmo(target, heal_timer):
     one_subsystem(target, ports=((1, 4420),))
     conn = short_connector()
@@ -71,6 +72,7 @@ def test_timer_reconnects_a_path_the_kernel_deleted_after_ctrl_loss_tmo(target, 
     conn.disconnect_volume(info(ports=(4420,)), result)
 
 
+@pytest.mark.cover("heal timer re-adds a failed leg", mode="raid")
 def test_timer_re_adds_a_raid_leg_that_failed(target, heal_timer):
     from nvmeof_mp.connector import NVMeOFConnector
     conn = NVMeOFConnector(root_helper=None, use_multipath=True)

@@ -22,7 +22,7 @@ from nvmeof_mp import plan as planner
 from nvmeof_mp.connection import Portal, Target
 from nvmeof_mp.exception import (AlreadyConnected, DetachAborted, NVMeOFError, PortalConnectError,
                                  TargetUnreachable, VolumeDeviceNotFound)
-from nvmeof_mp.hostinfo import host_authenticates
+from nvmeof_mp.hostinfo import has_fast_io_fail, host_authenticates
 from nvmeof_mp.locks import subsystem_lock
 from nvmeof_mp.topology import Namespace, Snapshot, can_open_rw, udev_settled
 from nvmeof_mp.waiting import poll
@@ -130,6 +130,7 @@ class Attacher:
     def __init__(self, kernel, sysfs, clock, policy, host_identity, lock_path=None, root="/",
                  can_open=None, registry=None):
         self.root = root
+        self.fast_io_fail = has_fast_io_fail(root)      # Linux >= 5.11
         self.registry = registry        # registry.Registry, or None: no reference counting
         self.can_open = can_open or can_open_rw     # permission check of the calling process
         self.kernel = kernel
@@ -241,7 +242,7 @@ class Attacher:
         """Bring reused controllers to the timeout policy (only where they differ)."""
         reused = {name for _, name in plan.reuse}
         ctrls = [c for c in snap.controllers(plan.target.nqn) if c.name in reused]
-        wanted = self.policy.controller_options(replica_leg)
+        wanted = self.policy.controller_options(replica_leg, self.fast_io_fail)
         for name, attrs in planner.attr_updates(ctrls, wanted).items():
             LOG.info("Applying timeout policy to %s: %s", name, attrs)
             errors = {a: e for a, e in self.kernel.set_controller_attrs(name, attrs).items() if e}
@@ -263,7 +264,7 @@ class Attacher:
         goes with the first connect call."""
         if not plan.connect:
             return []
-        options = self.policy.controller_options(replica_leg)
+        options = self.policy.controller_options(replica_leg, self.fast_io_fail)
         target = plan.target
         if plan.all_portals:
             opts = [self._connect_opts(target, p, host_nqn, host_id, options)

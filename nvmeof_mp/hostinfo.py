@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import re
 import shutil
 import socket
 
@@ -30,6 +31,35 @@ def _valid_uuid(value):
     return None if u.int == 0 else str(u)
 
 
+def kernel_release(root="/"):
+    """The running kernel's release (``6.1.0-56-amd64``), as ``root``'s /proc shows it."""
+    try:
+        with open(os.path.join(root, "proc/sys/kernel/osrelease")) as f:
+            return f.read().strip()
+    except OSError:
+        return platform.release()
+
+
+def release_tuple(release):
+    """``5.10.0-32-amd64`` -> (5, 10); ``6.12.117+deb13-amd64`` -> (6, 12)."""
+    major, minor = release.split(".")[:2]
+    return int(major), int(re.match(r"\d+", minor).group())
+
+
+#: Linux 5.11 added the fabrics option fast_io_fail_tmo; before it the option is refused
+#: (EINVAL) and I/O on a reconnecting controller queues until ctrl_loss_tmo gives it up.
+FAST_IO_FAIL_SINCE = (5, 11)
+
+
+def has_fast_io_fail(root="/"):
+    """Does this kernel's fabrics driver take ``fast_io_fail_tmo``?  (An unreadable release
+    counts as a current kernel: the option is then tried, as before.)"""
+    try:
+        return release_tuple(kernel_release(root)) >= FAST_IO_FAIL_SINCE
+    except (ValueError, AttributeError):
+        return True
+
+
 def host_authenticates(root="/", release=None):
     """Does this kernel's NVMe host speak DH-HMAC-CHAP (NVME_HOST_AUTH)?  nvme_auth is then
     loaded with nvme_core, built in, or (nvme_core not loaded yet: the first attach after
@@ -37,7 +67,7 @@ def host_authenticates(root="/", release=None):
     ``dhchap_secret=`` and ignores it: the connect succeeds unauthenticated (Debian's 6.1)."""
     if os.path.isdir(os.path.join(root, "sys/module/nvme_auth")):
         return True
-    release = release or platform.release()
+    release = release or kernel_release(root)
     for base in ("lib/modules", "usr/lib/modules"):
         for index in ("modules.builtin", "modules.dep"):
             try:

@@ -44,9 +44,20 @@ class TimeoutPolicy:
                              % (", ".join(UDEV_MODES), self.wait_for_udev))
         object.__setattr__(self, "wait_for_udev", mode)
 
-    def controller_options(self, replica_leg: bool):
-        opts = {"ctrl_loss_tmo": self.ctrl_loss_tmo, "reconnect_delay": self.reconnect_delay,
+    def controller_options(self, replica_leg: bool, fast_io_fail: bool = True):
+        """The fabrics options of a new controller.  ``fast_io_fail``: the kernel takes
+        ``fast_io_fail_tmo`` (Linux >= 5.11).  Without it a replica leg that should fail fast
+        gets a short ``ctrl_loss_tmo`` instead (``leg_fast_io_fail_tmo``, at least one
+        ``reconnect_delay``): its I/O fails when the kernel gives the lost controller up, and
+        heal reconnects the leg, rather than the whole array queueing forever on it."""
+        fast = self.leg_fast_io_fail_tmo if replica_leg else self.fast_io_fail_tmo
+        loss = self.ctrl_loss_tmo
+        if not fast_io_fail:
+            if replica_leg and fast is not None and fast >= 0:
+                bound = max(fast, self.reconnect_delay or 1)
+                loss = bound if loss is None or loss < 0 else min(loss, bound)
+            fast = None
+        opts = {"ctrl_loss_tmo": loss, "reconnect_delay": self.reconnect_delay,
                 "keep_alive_tmo": self.keep_alive_tmo, "nr_io_queues": self.nr_io_queues,
-                "fast_io_fail_tmo": (self.leg_fast_io_fail_tmo if replica_leg
-                                     else self.fast_io_fail_tmo)}
+                "fast_io_fail_tmo": fast}
         return {k: v for k, v in opts.items() if v is not None}

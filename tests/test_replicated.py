@@ -320,3 +320,28 @@ def test_dm_heal_failing_keeps_the_map(two):
     with pytest.raises(Boom):
         two.connector.connect_volume(dm_info())
     assert UUID_TOP in two.sim.dm and two.sim.controllers() == [before[0]]
+
+
+@pytest.mark.parametrize("info", [raid_info(), dm_info()], ids=["raid", "dm"])
+def test_legs_on_a_kernel_without_fast_io_fail_tmo_fail_over_by_ctrl_loss_tmo(make_lab, info):
+    """Linux before 5.11 (Debian's 5.10) rejects ``fast_io_fail_tmo`` (EINVAL): legs are
+    connected without it, with a short ctrl_loss_tmo instead, so I/O on a lost leg still
+    fails (when the kernel gives the controller up) instead of queueing forever."""
+    old = make_lab(native=False, kernel_release="5.10.0-32-amd64")
+    old.target(nqn=NQA, ports=(4420, 4422), namespaces=((1, UUID),))
+    old.target(nqn=NQB, ports=(4421, 4423), namespaces=((1, UUID2),))
+    result = old.connector.connect_volume(info)
+    assert not result.get("degraded")
+    for ctrl in ("nvme0", "nvme1"):
+        assert old.sysfs("class/nvme", ctrl, "fast_io_fail_tmo") == "off"
+        assert old.sysfs("class/nvme", ctrl, "ctrl_loss_tmo") == "2"
+    old.connector.disconnect_volume(info, result)
+    assert old.sim.controllers() == []
+
+
+def test_a_single_path_on_a_kernel_without_fast_io_fail_tmo_keeps_reconnecting(make_lab):
+    from simlab import conninfo
+    old = make_lab(native=False, kernel_release="5.10.0-32-amd64")
+    old.target()
+    old.connector.connect_volume(conninfo(portals=(("127.0.0.1", 4420, "tcp"),)))
+    assert old.sysfs("class/nvme/nvme0/ctrl_loss_tmo") == "off"

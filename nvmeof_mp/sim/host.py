@@ -111,13 +111,22 @@ class SimController:
     outages: int = 0            # counts path losses: a reconnect ends the loss timer
 
 
+def _release(text):
+    major, minor = text.split(".")[:2]
+    return int(major), int(minor.split("-")[0])
+
+
 class SimHost(SimStorage, SimInUse, Kernel):
     """The fake kernel plus the target side, writing a sysfs tree below ``root``."""
 
     def __init__(self, root, native_multipath=True, clock=None, ns_delay=0.05,
-                 with_identity=True, connect_cost=0.0, udev_delay=None):
+                 with_identity=True, connect_cost=0.0, udev_delay=None,
+                 kernel_release="6.1.0-sim-amd64"):
         super().__init__()
         self.root = root
+        # Linux before 5.11 has no fast_io_fail_tmo: its fabrics parser refuses the option
+        self.kernel_release = kernel_release
+        _write(os.path.join(root, "proc/sys/kernel/osrelease"), kernel_release + "\n")
         self.clock = clock or FakeClock()
         self.ns_delay = ns_delay
         self.connect_cost = connect_cost
@@ -253,7 +262,7 @@ class SimHost(SimStorage, SimInUse, Kernel):
             hostnqn = opts.get("host_nqn") or HOST_NQN
             hostid = opts.get("host_id") or HOST_ID
             clash = self._host_clash(hostnqn, hostid)
-            if clash:
+            if clash or ("fast_io_fail_tmo" in opts and _release(self.kernel_release) < (5, 11)):
                 return {"error": "Failed to write to /dev/nvme-fabrics: Invalid argument",
                         "errno": errnolib.EINVAL, "already": False}
             for c in self.ctrls.values():

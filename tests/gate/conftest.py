@@ -36,13 +36,7 @@ SMOKE_TESTS = frozenset({
 })
 #: Known failures on a kernel: (tests, first kernel (major, minor) without it, reason).
 #: strict xfail, so the day the cause is fixed the XPASS fails and the entry goes.
-KERNEL_XFAILS = (
-    ({"test_raid1_with_leg_failure_during_io", "test_dm_multipath_over_replicas",
-      "test_dm_multipath_over_native_multipath_replicas"}, (5, 11),
-     "library defect on 5.10: RAID1/dm replica legs are connected with fast_io_fail_tmo "
-     "(leg_fast_io_fail_tmo, default 1), an option the 5.10 nvme_fabrics rejects ('unknown "
-     "parameter', EINVAL), so no leg attaches; there is no fallback without the option"),
-)
+KERNEL_XFAILS = ()
 #: per-test outcomes (JSON lines) in the run directory, for the coverage table
 RESULTS_FILE = "gate-results.jsonl"
 #: the modes of the coverage table's rows (``cover`` marker): single path, native NVMe

@@ -422,3 +422,23 @@ def test_daemon_never_re_adds_a_leg_ahead_of_the_running_array(daemon):
     daemon.examine["/dev/nvme1n1"] = _sb_of("vol1", events=4)        # merely stale: re-added
     assert storage.md_assemble("vol1", ["/dev/nvme0n1", "/dev/nvme1n1"])["left_out"] == []
     assert daemon.acted()[-1][-2:] == ["--re-add", "/dev/nvme1n1"]
+
+
+def test_daemon_stops_our_array_whose_legs_all_died_and_whose_name_is_unreadable(daemon):
+    """Every leg dead: mdadm reads no superblock, so --detail shows our marked UUID but no
+    name (Linux 6.12).  Found through its own /dev/md/<name> link, the array is ours."""
+    _running(daemon, "vol1", uuid="656d766e:706d666f:adf358b3:b06ac474")  # as 6.12 showed
+    del daemon.detail["/dev/md/vol1"]["MD_NAME"]
+    assert storage.md_stop("vol1")["ok"]
+    _running(daemon, "vol2")
+    del daemon.detail["/dev/md/vol2"]["MD_NAME"]
+    assert storage.md_stop("vol2")["ok"]
+    assert [a[1] for a in daemon.acted()] == ["--stop", "--stop"]
+
+
+def test_daemon_an_unnamed_array_is_ours_only_with_the_marker_and_through_its_link(daemon):
+    _running(daemon, "vol1", uuid="11111111:22222222:33333333:44444444")
+    del daemon.detail["/dev/md/vol1"]["MD_NAME"]       # unmarked and nameless: not ours
+    assert "not an array this library made" in storage.md_stop("vol1")["error"]
+    assert storage.ownership({"MD_UUID": MARKED}, "vol1") is None    # not via the link
+    assert daemon.acted() == []

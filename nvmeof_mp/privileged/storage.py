@@ -54,6 +54,8 @@ def nvme_devices(devices):
 # on arrays made before it existed whose superblock name is exactly the requested name (see
 # ``ownership``).  Every member must be an NVMe-oF namespace either way.
 MD_UUID_PREFIX = "6e766d65:6f666d70:"
+_SWAPPED_PREFIX = "".join(bytes.fromhex(w)[::-1].hex() + ":"
+                          for w in MD_UUID_PREFIX.split(":")[:2])
 SYS_BLOCK = "/sys/block"
 DEV = "/dev"
 
@@ -67,10 +69,22 @@ def _export(text):
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
 
 
-def ownership(info, name):
+def ownership(info, name, by_link=False):
     """"marked" (made by this library), "legacy" (made before the marker: a RAID1 whose
-    superblock name is exactly ``name``, as os-brick and older releases named it) or None."""
-    if not info or info.get("MD_NAME", "").rsplit(":", 1)[-1] != name:
+    superblock name is exactly ``name``, as os-brick and older releases named it) or None.
+
+    ``by_link``: the array was found through its /dev/md/<name> link, which udev made from
+    the array's name.  When every leg has died mdadm reads no superblock and shows no name
+    (Linux 6.12); a marked array found so is still ours."""
+    if not info:
+        return None
+    if "MD_NAME" not in info and by_link:
+        # no superblock read: mdadm shows the kernel's copy of the UUID, each 32-bit word
+        # byte-swapped on x86 ("656d766e:706d666f:..." for our prefix)
+        uuid = info.get("MD_UUID", "").lower()
+        marked = uuid.startswith(MD_UUID_PREFIX) or uuid.startswith(_SWAPPED_PREFIX)
+        return "marked" if marked and info.get("MD_LEVEL", "raid1") == "raid1" else None
+    if info.get("MD_NAME", "").rsplit(":", 1)[-1] != name:
         return None
     if info.get("MD_LEVEL", "raid1") != "raid1":
         return None
@@ -88,7 +102,8 @@ def not_ours(array, name):
     info = _detail(array)
     if info is None:
         return "cannot read the md superblock of %s" % array
-    if ownership(info, name) is None:
+    by_link = array == "/dev/md/" + name and os.path.exists(os.path.join(DEV, "md", name))
+    if ownership(info, name, by_link) is None:
         return "%s is not an array this library made for %s (name %s, uuid %s)" % (
             array, name, info.get("MD_NAME"), info.get("MD_UUID"))
     for key, value in sorted(info.items()):

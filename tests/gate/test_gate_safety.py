@@ -23,7 +23,6 @@ import threading
 import time
 
 import pytest
-from conftest import kernel_version
 from test_gate import NQN, U1, U2, controllers, info, one_subsystem, portal, record, replicas
 
 from nvmeof_mp.lab.workload import Writer, verify, wait_for
@@ -195,12 +194,6 @@ def dead(mode):
     pytest.param("dm", True, marks=[pytest.mark.root_too, dead("dm")]),
 ])
 def test_detach_with_every_path_dead(connector, target, mode, force):
-    if mode == "raid" and force and kernel_version() >= (6, 12):
-        # open defect: on 6.12 (multipath=Y, lab user) the forced detach left md127 once
-        # (the array's stop retried for 5 s); 6.1 passes.  Skipped, not xfailed: the leftover
-        # array would fail the next test's clean-host check too.
-        pytest.skip("known defect on Linux >= 6.12: forced RAID detach with every leg dead "
-                    "can leave the md array (under investigation)")
     volume, links = DEAD_CASES[mode](target)
     result = connector.connect_volume(volume)
     w = Writer(result["path"])

@@ -285,7 +285,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lanes", type=int, default=0,
                    help="VMs at once (default: %d with --matrix, else 1)" % 2)
     p.add_argument("pytest_args", nargs=argparse.REMAINDER)
-    p.set_defaults(timeout=1800)
+    p.set_defaults(timeout=2400)
 
     p = sub.add_parser("coverage", help="the coverage table from gate results (no VM)")
     p.add_argument("run_dirs", nargs="*", help="run directories (default: the last --matrix)")

@@ -270,6 +270,8 @@ def test_raid1_with_leg_failure_during_io(connector, target):
                             lambda: target.link(2, NQN + "-b"))
     assert w.max_stall < STALL_LIMIT
     assert wait_for(lambda: set(controllers().values()) == {"live"}, 20)
+    # md keeps the failed leg out once its path is back: without that the heal proves nothing
+    assert md_degraded(result["path"]) == 1, "the leg never failed"
     connector.check_paths(raid)                          # heal: re-add the returning leg
     assert wait_for(lambda: md_degraded(result["path"]) == 0, 30)
     connector.disconnect_volume(raid, result)
@@ -287,6 +289,10 @@ def dm_case(connector, target, reps=None):
                             lambda: target.link(1, NQN + "-a"))
     assert w.max_stall < STALL_LIMIT
     assert wait_for(lambda: set(controllers().values()) == {"live"}, 30)
+    # dm keeps the failed path failed once it is back (no multipathd here to reinstate it):
+    # without that the heal proves nothing
+    failed = connector.kernel.dm_status(UTOP)
+    assert "F" in failed.values(), failed
     connector.check_paths(dm)                            # heal: reinstate the failed path
     status = connector.kernel.dm_status(UTOP)
     assert set(status.values()) == {"A"}, status

@@ -275,6 +275,7 @@ def test_extend_rescans_and_returns_as_soon_as_sysfs_shows_the_target_size(lab):
     assert lab.connector.extend_volume(conninfo()) == NEW * 512
     assert lab.sim.clock.now - start < 0.5
     assert lab.sim.calls["namespace_size"] == 1
+    assert lab.sysfs("class/block/nvme0n1/size") == str(NEW)     # the host sees it now
 
 
 def test_extend_without_identify_falls_back_to_waiting_for_a_change(lab, monkeypatch):
@@ -306,7 +307,13 @@ def test_replicas_are_extended_together(two, info):
         return real(names)
     two.sim.rescan_controllers = rescan
     size = two.connector.extend_volume(info())
-    assert size in (NEW * 512, (NEW - 2048) * 512)
+    # what the host's device shows: md keeps 1 MiB of each leg for its superblock
+    device = "md%d" % two.sim.md["vol1"]["minor"] if info is raid_info else None
+    assert size == (NEW - 2048 if device else NEW) * 512
+    if device:
+        assert two.sysfs("class/block", device, "size") == str(NEW - 2048)
+    else:
+        assert two.sim.dm[UUID_TOP]["size"] == NEW
 
 
 def test_identify_namespace_data_gives_the_size_in_bytes():

@@ -197,6 +197,8 @@ def test_extend(connector, target, lba):
         assert int(f.read()) == lba
     target.resize_namespace(NQN, 1, 96)
     assert connector.extend_volume(info()) == 96 * 1024 * 1024
+    with open("/sys/block/%s/size" % name) as f:         # the host's device, not the answer
+        assert int(f.read()) * 512 == 96 * 1024 * 1024
     connector.disconnect_volume(info(), result)
 
 

@@ -109,6 +109,7 @@ def test_single_path(connector, target):
     w.start()
     time.sleep(0.5)
     w.stop()
+    assert not w.errors and w.ops > 0, w.errors[:5]     # else nothing below is checked
     assert verify(result["path"], w.expected) == []
     connector.disconnect_volume(info(ports=(4420,)), result)
     assert controllers() == {}
@@ -182,6 +183,7 @@ def test_detach_leaves_other_volume_on_subsystem(connector, target):
     w.start()
     time.sleep(0.3)
     w.stop()
+    assert not w.errors and w.ops > 0, w.errors[:5]
     assert verify(b["path"], w.expected) == []
     connector.disconnect_volume(info(U2), b)
 

@@ -154,9 +154,15 @@ def test_detach_keeps_controllers_while_another_namespace_is_present(lab):
 def test_detach_leaks_no_controller_and_flushes_first(lab):
     lab.target()
     lab.connector.connect_volume(conninfo())
+    # the flush must reach the device while its paths still exist (a flush after the
+    # controllers went is no flush at all): note what the kernel has when it is asked
+    flush, at_flush = lab.sim.flush_device, []
+    lab.sim.flush_device = lambda path, *a: at_flush.append(lab.sim.controllers()) or flush(
+        path, *a)
     lab.connector.disconnect_volume(conninfo(), {"path": "/dev/nvme0n1"})
     assert lab.sim.controllers() == []
     assert lab.sim.flushed == ["/dev/nvme0n1"]
+    assert at_flush == [["nvme0", "nvme1"]]
     assert os.listdir(os.path.join(lab.root, "sys/class/nvme-subsystem")) == []
     assert lab.connector.get_volume_paths(conninfo()) == []
 

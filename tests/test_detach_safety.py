@@ -178,12 +178,17 @@ def test_dm_detach_with_no_active_path_fails_fast_and_keeps_queueing(two):
 
 def test_forced_dm_detach_with_no_active_path_stops_queueing_first(two):
     two.connector.connect_volume(dm_info())
-    fail_every_dm_path(two)
+    fail_every_dm_path(two)                 # the test's own dm_message calls: not counted
+    calls = []
+    message, remove = two.sim.dm_message, two.sim.dm_remove
+    two.sim.dm_message = lambda name, msg, *a: calls.append(msg) or message(name, msg, *a)
+    two.sim.dm_remove = lambda name: calls.append("remove") or remove(name)
     start = two.sim.clock.now
     two.connector.disconnect_volume(dm_info(), None, force=True, ignore_errors=True)
     assert two.sim.clock.now - start < 1.0
     assert two.sim.dm == {} and two.sim.controllers() == []
-    assert two.sim.calls["dm_message"] >= 3                  # 2 fail_path + fail_if_no_path
+    # the map stopped queueing before it was removed (queued I/O fails instead of hanging)
+    assert calls == ["fail_if_no_path", "remove"]
 
 
 def test_dm_flush_that_hangs_gives_up_and_leaves_the_map_queueing(two):
@@ -270,6 +275,7 @@ def test_extend_rescans_and_returns_as_soon_as_sysfs_shows_the_target_size(lab):
     assert lab.connector.extend_volume(conninfo()) == NEW * 512
     assert lab.sim.clock.now - start < 0.5
     assert lab.sim.calls["namespace_size"] == 1
+    assert lab.sysfs("class/block/nvme0n1/size") == str(NEW)     # the host sees it now
 
 
 def test_extend_without_identify_falls_back_to_waiting_for_a_change(lab, monkeypatch):
@@ -301,7 +307,13 @@ def test_replicas_are_extended_together(two, info):
         return real(names)
     two.sim.rescan_controllers = rescan
     size = two.connector.extend_volume(info())
-    assert size in (NEW * 512, (NEW - 2048) * 512)
+    # what the host's device shows: md keeps 1 MiB of each leg for its superblock
+    device = "md%d" % two.sim.md["vol1"]["minor"] if info is raid_info else None
+    assert size == (NEW - 2048 if device else NEW) * 512
+    if device:
+        assert two.sysfs("class/block", device, "size") == str(NEW - 2048)
+    else:
+        assert two.sim.dm[UUID_TOP]["size"] == NEW
 
 
 def test_identify_namespace_data_gives_the_size_in_bytes():

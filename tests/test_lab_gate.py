@@ -23,17 +23,24 @@ def test_lanes_run_vms_at_once_and_a_broken_vm_fails_only_its_run(tmp_path):
 
 
 def test_one_lane_runs_vms_one_after_the_other(tmp_path):
-    running = []
+    running, overlapped, lock = [], threading.Event(), threading.Lock()
 
     def start_vm(run):
-        running.append(run)
-        assert len(running) == 1
-        running.remove(run)
+        with lock:
+            if running:
+                overlapped.set()
+            running.append(run)
+        # a VM lasts: give a second lane the time to start one beside it (an instant
+        # start_vm would let two lanes run one after the other by chance)
+        overlapped.wait(0.2)
+        with lock:
+            running.remove(run)
         return 0, tmp_path
 
     runs = [("6.1", "Y", False, ("user",)), ("6.1", "N", False, ("user",))]
     assert all(rc == 0 for rc, _, _ in gate.run_all(runs, start_vm, lanes=1,
                                                       log=lambda line: None).values())
+    assert not overlapped.is_set(), "two VMs ran at once with one lane"
 
 
 def test_a_pass_can_be_narrowed_on_its_own(monkeypatch, tmp_path):

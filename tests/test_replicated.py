@@ -86,13 +86,30 @@ def test_raid_reassembles_legs_with_superblocks(two):
     assert two.sim.calls["md_create"] == 1 and two.sim.calls["md_assemble"] == 1
 
 
+def kernel_calls(sim, *names):
+    """Note each call of the simulated kernel's ``names`` with the controllers it has then
+    (the end state alone says nothing of the order: the sim records any call it gets)."""
+    seen = []
+    for name in names:
+        real = getattr(sim, name)
+
+        def call(*args, _real=real, _name=name, **kwargs):
+            seen.append((_name, sim.controllers()))
+            return _real(*args, **kwargs)
+        setattr(sim, name, call)
+    return seen
+
+
 def test_raid_detach_with_degraded_array(two):
     two.connector.connect_volume(raid_info())
     two.sim.md_fail("vol1", "/dev/nvme1n1")
     two.sim.path_down(NQB, 4421)
+    seen = kernel_calls(two.sim, "flush_device", "md_stop")
     two.connector.disconnect_volume(raid_info(), None)
     assert two.sim.md == {} and two.sim.controllers() == []
     assert two.sim.flushed == ["/dev/md/vol1"]
+    # flushed and stopped while its legs are still there, the legs go after
+    assert seen == [("flush_device", ["nvme0", "nvme1"]), ("md_stop", ["nvme0", "nvme1"])]
 
 
 def test_raid_replica_count_one_is_the_replicas_own_device(two):
@@ -150,7 +167,9 @@ def test_dm_replica_fails_and_comes_back(two):
 
 def test_dm_detach_removes_map_then_controllers(two):
     two.connector.connect_volume(dm_info())
+    seen = kernel_calls(two.sim, "flush_device", "dm_remove")
     two.connector.disconnect_volume(dm_info(), None)
+    assert seen == [("flush_device", ["nvme0", "nvme1"]), ("dm_remove", ["nvme0", "nvme1"])]
     assert two.sim.dm == {} and two.sim.controllers() == []
     assert not os.path.exists(os.path.join(two.root, "dev/mapper", UUID_TOP))
 

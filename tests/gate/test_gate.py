@@ -109,6 +109,7 @@ def test_single_path(connector, target):
     w.start()
     time.sleep(0.5)
     w.stop()
+    assert not w.errors and w.ops > 0, w.errors[:5]     # else nothing below is checked
     assert verify(result["path"], w.expected) == []
     connector.disconnect_volume(info(ports=(4420,)), result)
     assert controllers() == {}
@@ -182,6 +183,7 @@ def test_detach_leaves_other_volume_on_subsystem(connector, target):
     w.start()
     time.sleep(0.3)
     w.stop()
+    assert not w.errors and w.ops > 0, w.errors[:5]
     assert verify(b["path"], w.expected) == []
     connector.disconnect_volume(info(U2), b)
 
@@ -197,6 +199,8 @@ def test_extend(connector, target, lba):
         assert int(f.read()) == lba
     target.resize_namespace(NQN, 1, 96)
     assert connector.extend_volume(info()) == 96 * 1024 * 1024
+    with open("/sys/block/%s/size" % name) as f:         # the host's device, not the answer
+        assert int(f.read()) * 512 == 96 * 1024 * 1024
     connector.disconnect_volume(info(), result)
 
 
@@ -270,6 +274,8 @@ def test_raid1_with_leg_failure_during_io(connector, target):
                             lambda: target.link(2, NQN + "-b"))
     assert w.max_stall < STALL_LIMIT
     assert wait_for(lambda: set(controllers().values()) == {"live"}, 20)
+    # md keeps the failed leg out once its path is back: without that the heal proves nothing
+    assert md_degraded(result["path"]) == 1, "the leg never failed"
     connector.check_paths(raid)                          # heal: re-add the returning leg
     assert wait_for(lambda: md_degraded(result["path"]) == 0, 30)
     connector.disconnect_volume(raid, result)
@@ -287,6 +293,10 @@ def dm_case(connector, target, reps=None):
                             lambda: target.link(1, NQN + "-a"))
     assert w.max_stall < STALL_LIMIT
     assert wait_for(lambda: set(controllers().values()) == {"live"}, 30)
+    # dm keeps the failed path failed once it is back (no multipathd here to reinstate it):
+    # without that the heal proves nothing
+    failed = connector.kernel.dm_status(UTOP)
+    assert "F" in failed.values(), failed
     connector.check_paths(dm)                            # heal: reinstate the failed path
     status = connector.kernel.dm_status(UTOP)
     assert set(status.values()) == {"A"}, status

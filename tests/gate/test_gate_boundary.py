@@ -37,7 +37,7 @@ def write_and_verify(path):
     w.start()
     time.sleep(0.5)
     w.stop()
-    assert not w.errors and verify(path, w.expected) == []
+    assert not w.errors and w.ops > 0 and verify(path, w.expected) == []
 
 
 @pytest.mark.cover("Cinder nvmet connection info (old and new format)")
@@ -130,6 +130,7 @@ def test_the_daemon_leaves_a_foreign_md_array_and_other_devices_alone(connector,
 
 
 SUDOERS = "/etc/sudoers.d/nvmeof_mp"
+PRIVSEP_CONTEXT = "nvmeof_mp.privileged.default"
 USER_ATTACH = r"""
 import json, os, sys
 from oslo_config import cfg
@@ -161,9 +162,15 @@ def test_the_sudoers_rule_starts_our_context_and_no_other(target, tmp_path):
     try:
         assert run("visudo", "-cf", SUDOERS).returncode == 0
         as_user = ["runuser", "-u", LAB_USER, "--"]
+        # Both with a socket path where nobody listens: privsep-helper started as root exits
+        # non-zero by itself, so only sudo's own refusal tells "not allowed" from "ran".
+        refused = "a password is required"     # sudo -n: no rule lets it run, nobody to ask
+        sock = ("--privsep_sock_path", "/tmp/x/privsep.sock")
         other = run(*as_user, "sudo", "-n", helper, "--privsep_context",
-                    "os_brick.privileged.default", "--privsep_sock_path", "/tmp/x/privsep.sock")
-        assert other.returncode != 0        # sudo -n: not allowed, and no password to ask
+                    "os_brick.privileged.default", *sock)
+        assert other.returncode != 0 and refused in other.stderr, other.stderr[-2000:]
+        ours = run(*as_user, "sudo", "-n", helper, "--privsep_context", PRIVSEP_CONTEXT, *sock)
+        assert refused not in ours.stderr, ours.stderr[-2000:]
         one_subsystem(target, ports=((1, 4420),))
         out = subprocess.run(as_user + [sys.executable, "-c", USER_ATTACH, helper,
                                         json.dumps(info(ports=(4420,)))],

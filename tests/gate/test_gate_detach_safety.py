@@ -121,6 +121,14 @@ def test_raid_extend_grows_both_legs_together(connector, target):
     size = connector.extend_volume(raid)
     record("RAID extend of two legs: %.3fs" % (time.monotonic() - t))
     assert size > 64 * 1024 * 1024
+
+    def sectors(device):
+        name = os.path.basename(os.path.realpath(device))
+        with open("/sys/class/block/%s/size" % name) as f:
+            return int(f.read())
+    # what the host shows: both legs at the new size, the array grown to what was returned
+    assert [sectors(r["device"]) * 512 for r in result["replicas"]] == [96 * 1024 * 1024] * 2
+    assert sectors(result["path"]) * 512 == size
     # detach at once, while md resyncs the grown part and udev still handles the legs'
     # resize events: the detach lets udev finish first, or its mdadm --incremental of a freed
     # leg would start an array of its own (left behind, see replicas.udev_idle)

@@ -26,7 +26,7 @@ import threading
 
 from nvmeof_mp.kernel import Kernel
 from nvmeof_mp.sim.files import unlink as _unlink, write as _write
-from nvmeof_mp.sim.inuse import SimInUse
+from nvmeof_mp.sim.inuse import SimInUse, SimMultipathd
 from nvmeof_mp.sim.storage import SimStorage
 
 HOST_NQN = "nqn.2014-08.org.nvmexpress:uuid:3a940e64-7dfc-485f-a005-76d53d71924d"
@@ -111,7 +111,7 @@ class SimController:
     outages: int = 0            # counts path losses: a reconnect ends the loss timer
 
 
-class SimHost(SimStorage, SimInUse, Kernel):
+class SimHost(SimStorage, SimInUse, SimMultipathd, Kernel):
     """The fake kernel plus the target side, writing a sysfs tree below ``root``."""
 
     def __init__(self, root, native_multipath=True, clock=None, ns_delay=0.05,
@@ -530,6 +530,7 @@ class SimHost(SimStorage, SimInUse, Kernel):
                 os.chmod(node, 0o600)
                 data = os.path.join(self.root, "run/udev/data", "b" + attrs["dev"])
                 self.clock.at(self.udev_delay, lambda: self._udev_processed(node, data))
+            self._new_block_device(name, attrs["dev"])      # a multipathd may claim it
 
     @staticmethod
     def _udev_processed(node, data):

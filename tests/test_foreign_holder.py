@@ -101,3 +101,11 @@ def test_our_own_dm_map_over_a_leg_is_no_foreign_claim(make_lab):
         lab.sim.add_holder(leg, "dm-0")
     again = lab.connector.connect_volume(dm_info())
     assert again["path"] == first["path"] and not again["degraded"]
+
+
+def test_the_drop_in_the_error_names_exists_and_blacklists_nvme_over_tcp_and_rdma():
+    from nvmeof_mp import claims
+    here = os.path.join(os.path.dirname(__file__), "..", claims.DROPIN.replace("/etc/", "etc/"))
+    with open(here) as f:
+        text = f.read()
+    assert 'protocol "^nvme:(tcp|rdma)$"' in text and "blacklist {" in text

@@ -257,10 +257,11 @@ class Target:
                         for g in (port / "ana_groups").iterdir()}}
 
     # -- multipathd alongside (tests/gate/test_gate_multipathd.py) ---------------------------
-    def start_multipathd(self, greedy: bool = False) -> str:
+    def start_multipathd(self, greedy: bool = False, dropin: bool = False) -> str:
         """multipathd with Debian's default configuration (no /etc/multipath.conf), or with
-        ``find_multipaths greedy``; returns its version line."""
-        return start_multipathd(greedy)
+        ``find_multipaths greedy``; with ``dropin`` the project's multipath drop-in
+        (etc/multipath/conf.d) installed too.  Returns its version line."""
+        return start_multipathd(greedy, dropin)
 
     def stop_multipathd(self) -> None:
         stop_multipathd()
@@ -421,7 +422,18 @@ def _multipathd(*args) -> str:
                           timeout=30).stdout
 
 
-def start_multipathd(greedy=False):
+MULTIPATH_DROPIN = "/etc/multipath/conf.d/nvmeof-mp.conf"
+
+
+def start_multipathd(greedy=False, dropin=False):
+    if dropin:
+        from .paths import project_dir
+        os.makedirs(os.path.dirname(MULTIPATH_DROPIN), exist_ok=True)
+        with open(project_dir() / "etc/multipath/conf.d/nvmeof-mp.conf") as src, \
+                open(MULTIPATH_DROPIN, "w") as dst:
+            dst.write(src.read())
+    elif os.path.exists(MULTIPATH_DROPIN):
+        os.unlink(MULTIPATH_DROPIN)
     if greedy:
         with open(MULTIPATH_CONF, "w") as f:
             f.write("defaults {\n    find_multipaths greedy\n}\n")
@@ -446,8 +458,9 @@ def stop_multipathd():
     while time.monotonic() < end and subprocess.run(
             ["pidof", "multipathd"], capture_output=True).returncode == 0:
         time.sleep(0.2)
-    if os.path.exists(MULTIPATH_CONF):
-        os.unlink(MULTIPATH_CONF)
+    for conf in (MULTIPATH_CONF, MULTIPATH_DROPIN):
+        if os.path.exists(conf):
+            os.unlink(conf)
 
 
 def dm_tables():

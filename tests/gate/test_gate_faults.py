@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("no_leftovers")
 
 #: scheduling slack of the emulated VM (a connect, a context switch under TCG, two writers)
 SLACK = 1.5
-FLAPS = 4
+FLAPS = 3
 DEFAULT_KATO = 5          # NVME_DEFAULT_KATO of the kernel; the policy leaves it unset
 KEEPER = NQN + "-keeper"  # stays on the flapped port
 #: the replicas' subsystems and namespace uuids (distinct from the single volume's U1)
@@ -55,8 +55,9 @@ class Fault:
 
     def __init__(self, kind, target, nqns, pid, svc):
         self.kind, self.target, self.nqns, self.pid, self.svc = kind, target, nqns, pid, svc
-        # a drop outlasts keep-alive detection (a keep-alive every kato/2, answered within kato)
-        self.window = {"drop": 2 * kato() + 2, "restart": 4.0, "flap": 2.0 * FLAPS}[kind]
+        # a drop outlasts keep-alive detection (kato/2 + kato: a keep-alive every kato/2,
+        # answered within kato) by kato/2
+        self.window = {"drop": 2.0 * kato(), "restart": 4.0, "flap": 2.0 * FLAPS}[kind]
 
     def run(self):
         t = self.target
@@ -68,7 +69,7 @@ class Fault:
             for nqn in self.nqns:
                 t.stop_subsystem(nqn)
             time.sleep(self.window)
-            for nqn in self.nqns:
+            for nqn in reversed(self.nqns):     # the last one stopped took the emptied port
                 t.start_subsystem(nqn)
         else:
             for _ in range(FLAPS):

@@ -1,12 +1,15 @@
 """multipathd running alongside, in every mode: it must leave our devices and maps alone.
 
-multipathd runs with Debian's default configuration (no /etc/multipath.conf), then with
-``find_multipaths greedy`` (every non-blacklisted disk is a multipath candidate).  While it
-runs, volumes are attached in every mode and written; multipathd must not build a map (``show
-maps``), must not mark a device of ours as a multipath path (udev's
-``DM_MULTIPATH_DEVICE_PATH=1``, which hides it from everything else), and our own dm map (dm
-uuid prefix ``nvmeof_mp-``) must keep all its paths active.  One multipathd start per
-configuration for the module.
+Configurations (CONFIGS): Debian's default (no /etc/multipath.conf), ``find_multipaths
+greedy`` (every disk not blacklisted is a multipath candidate), and greedy with the project's
+drop-in (etc/multipath/conf.d/nvmeof-mp.conf, which blacklists NVMe over TCP and RDMA).
+While multipathd runs, the volumes of every mode the VM is the usual case for are attached
+together and written: multipathd must not build a map (``show maps``), must not mark a device
+of ours as a multipath path (udev's ``DM_MULTIPATH_DEVICE_PATH=1``, which hides it from
+everything else), and our own dm map (dm uuid prefix ``nvmeof_mp-``) must keep all its paths
+active.  With native multipath off, greedy and no drop-in, multipathd does take our
+namespaces: then every attach must fail with ``ForeignClaim`` and leave nothing behind.
+One multipathd start per configuration (tests are grouped by it); doc/source/faults.rst.
 """
 
 import os

@@ -18,10 +18,10 @@ import uuid
 
 from oslo_log import log as logging
 
-from nvmeof_mp import plan as planner
+from nvmeof_mp import claims, plan as planner
 from nvmeof_mp.connection import Portal, Target
-from nvmeof_mp.exception import (AlreadyConnected, DetachAborted, NVMeOFError, PortalConnectError,
-                                 TargetUnreachable, VolumeDeviceNotFound)
+from nvmeof_mp.exception import (AlreadyConnected, DetachAborted, ForeignClaim, NVMeOFError,
+                                 PortalConnectError, TargetUnreachable, VolumeDeviceNotFound)
 from nvmeof_mp.hostinfo import has_fast_io_fail, host_authenticates
 from nvmeof_mp.locks import subsystem_lock
 from nvmeof_mp.topology import Namespace, Snapshot, can_open_rw, udev_settled
@@ -170,6 +170,7 @@ class Attacher:
             try:
                 attachment = self._attach(snap, plan, host_nqn, host_id, replica_leg, progress,
                                           hold, on_connected)
+                self._refuse_claimed(attachment)
             except BaseException:
                 self._undo(snap, plan, host_nqn, progress)
                 raise
@@ -177,6 +178,15 @@ class Attacher:
             LOG.warning("%s attached DEGRADED at %s: %s", target.describe(), attachment.device,
                         attachment.summary())
         return attachment
+
+    def _refuse_claimed(self, attachment):
+        """A namespace a foreign dm map (multipathd's) holds is not ours to hand out or join:
+        ``ForeignClaim`` (the attach is then undone)."""
+        why = claims.check(self.root, attachment.namespace.name, self.clock)
+        if why:
+            LOG.error("%s: %s is not used: %s", attachment.target.describe(),
+                      attachment.device, why)
+            raise ForeignClaim(device=attachment.device, reason=why)
 
     def _claim(self, target, snap, host_nqn, key, pending):
         ctrls = [c for c in snap.controllers(target.nqn)

@@ -86,3 +86,10 @@ class DetachAborted(NVMeOFError):
     volume is still attached.  ``force`` goes on past it instead, as os-brick's does."""
 
     message = "Detach of %(what)s stopped, the volume stays attached: %(reason)s"
+
+
+class ForeignClaim(NVMeOFError):
+    """A namespace this attach would hand out or join is held by a device-mapper map that is
+    not ours (multipathd's): refused, and what the attach connected is undone."""
+
+    message = "%(device)s is claimed by another device-mapper user: %(reason)s"

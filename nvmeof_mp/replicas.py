@@ -12,7 +12,7 @@ import os
 
 from oslo_log import log as logging
 
-from nvmeof_mp.exception import DetachAborted, NVMeOFError, ReplicaError
+from nvmeof_mp.exception import DetachAborted, ForeignClaim, NVMeOFError, ReplicaError
 from nvmeof_mp.waiting import poll
 
 LOG = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ def attach_all(connector, request, pending=None):
         try:
             return target, connector.attacher.attach(target, all_portals, replica_leg=True,
                                                      key=request.volume_key), None
+        except ForeignClaim as e:      # not a lost replica: a host misconfiguration, raised
+            return target, None, e
         except NVMeOFError as e:
             LOG.warning("Replica %s of %s could not be attached: %s", target.describe(),
                         request.describe(), e)
@@ -43,7 +45,8 @@ def attach_all(connector, request, pending=None):
         connector.registry.put(*pending)
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(request.targets)) as pool:
         results = list(pool.map(one, request.targets))
-    unexpected = [e for _, _, e in results if e is not None and not isinstance(e, NVMeOFError)]
+    unexpected = [e for _, _, e in results if e is not None and (
+        not isinstance(e, NVMeOFError) or isinstance(e, ForeignClaim))]
     if unexpected:
         undo(connector, results, "attach of %s failed" % request.describe())
         raise unexpected[0]

@@ -177,12 +177,14 @@ class Target:
         """Drop every TCP segment to or from ``trsvcid`` on loopback, silently (no RST, no
         ICMP): only keep-alive and I/O timeouts notice.  tc on lo sees both directions."""
         svc = int(trsvcid)
-        if not self._dropping:
-            _tc("qdisc", "add", "dev", "lo", "root", "handle", "1:", "prio")
-        for field in ("dport", "sport"):
-            _tc("filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1",
-                "u32", "match", "ip", "protocol", "6", "0xff", "match", "ip", field, str(svc),
-                "0xffff", "action", "drop")
+        lines = [] if self._dropping else ["qdisc add dev lo root handle 1: prio"]
+        lines += ["filter add dev lo parent 1: protocol ip prio 1 u32 match ip protocol 6 0xff "
+                  "match ip %s %d 0xffff action drop" % (field, svc)
+                  for field in ("dport", "sport")]
+        # one tc process for all of it: both directions start dropping together, and the
+        # emulated VM pays for one process start instead of three
+        subprocess.run(["tc", "-batch", "-"], input="\n".join(lines) + "\n", text=True,
+                       check=True, capture_output=True)
         self._dropping.add(svc)
 
     def undrop_ports(self) -> None:
@@ -257,10 +259,11 @@ class Target:
                         for g in (port / "ana_groups").iterdir()}}
 
     # -- multipathd alongside (tests/gate/test_gate_multipathd.py) ---------------------------
-    def start_multipathd(self, greedy: bool = False) -> str:
+    def start_multipathd(self, greedy: bool = False, dropin: bool = False) -> str:
         """multipathd with Debian's default configuration (no /etc/multipath.conf), or with
-        ``find_multipaths greedy``; returns its version line."""
-        return start_multipathd(greedy)
+        ``find_multipaths greedy``; with ``dropin`` the project's multipath drop-in
+        (etc/multipath/conf.d) installed too.  Returns its version line."""
+        return start_multipathd(greedy, dropin)
 
     def stop_multipathd(self) -> None:
         stop_multipathd()
@@ -408,10 +411,6 @@ REGISTRY = "/var/lib/nvmeof_mp"
 SCRATCH_MOUNT = "/run/nvmeof-lab/scratch"
 
 
-def _tc(*args) -> None:
-    subprocess.run(["tc", *args], check=True, capture_output=True)
-
-
 MULTIPATH_CONF = "/etc/multipath.conf"
 MULTIPATHD_PID = "/run/multipathd.pid"
 
@@ -421,7 +420,18 @@ def _multipathd(*args) -> str:
                           timeout=30).stdout
 
 
-def start_multipathd(greedy=False):
+MULTIPATH_DROPIN = "/etc/multipath/conf.d/nvmeof-mp.conf"
+
+
+def start_multipathd(greedy=False, dropin=False):
+    if dropin:
+        from .paths import project_dir
+        os.makedirs(os.path.dirname(MULTIPATH_DROPIN), exist_ok=True)
+        with open(project_dir() / "etc/multipath/conf.d/nvmeof-mp.conf") as src, \
+                open(MULTIPATH_DROPIN, "w") as dst:
+            dst.write(src.read())
+    elif os.path.exists(MULTIPATH_DROPIN):
+        os.unlink(MULTIPATH_DROPIN)
     if greedy:
         with open(MULTIPATH_CONF, "w") as f:
             f.write("defaults {\n    find_multipaths greedy\n}\n")
@@ -446,8 +456,9 @@ def stop_multipathd():
     while time.monotonic() < end and subprocess.run(
             ["pidof", "multipathd"], capture_output=True).returncode == 0:
         time.sleep(0.2)
-    if os.path.exists(MULTIPATH_CONF):
-        os.unlink(MULTIPATH_CONF)
+    for conf in (MULTIPATH_CONF, MULTIPATH_DROPIN):
+        if os.path.exists(conf):
+            os.unlink(conf)
 
 
 def dm_tables():

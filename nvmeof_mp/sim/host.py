@@ -26,7 +26,7 @@ import threading
 
 from nvmeof_mp.kernel import Kernel
 from nvmeof_mp.sim.files import unlink as _unlink, write as _write
-from nvmeof_mp.sim.inuse import SimInUse
+from nvmeof_mp.sim.inuse import SimInUse, SimMultipathd
 from nvmeof_mp.sim.storage import SimStorage
 
 HOST_NQN = "nqn.2014-08.org.nvmexpress:uuid:3a940e64-7dfc-485f-a005-76d53d71924d"
@@ -116,7 +116,7 @@ def _release(text):
     return int(major), int(minor.split("-")[0])
 
 
-class SimHost(SimStorage, SimInUse, Kernel):
+class SimHost(SimStorage, SimInUse, SimMultipathd, Kernel):
     """The fake kernel plus the target side, writing a sysfs tree below ``root``."""
 
     def __init__(self, root, native_multipath=True, clock=None, ns_delay=0.05,
@@ -539,6 +539,7 @@ class SimHost(SimStorage, SimInUse, Kernel):
                 os.chmod(node, 0o600)
                 data = os.path.join(self.root, "run/udev/data", "b" + attrs["dev"])
                 self.clock.at(self.udev_delay, lambda: self._udev_processed(node, data))
+            self._new_block_device(name, attrs["dev"])      # a multipathd may claim it
 
     @staticmethod
     def _udev_processed(node, data):

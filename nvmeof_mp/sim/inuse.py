@@ -16,6 +16,7 @@ from nvmeof_mp.sim.files import unlink as _unlink, write as _write
 # as the daemon's (nvmeof_mp.privileged.host; the tests check they agree)
 BUSY = "open exclusively or held by another user"
 EXCLUSIVE_TIMEOUT = 5.0
+MPATH_MARK = "E:DM_MULTIPATH_DEVICE_PATH=1\n"     # what multipath-tools' udev rule records
 
 
 class SimInUse:
@@ -131,3 +132,51 @@ def _lines(path):
 def _escape(path):
     """As the kernel shows a path in /proc: space, tab, newline and backslash in octal."""
     return "".join("\\%03o" % ord(c) if c in " \t\n\\" else c for c in path)
+
+
+class SimMultipathd:
+    """A multipathd with ``find_multipaths greedy`` and no blacklist for NVMe-oF devices on a
+    host with ``nvme_core.multipath=N`` (doc/source/faults.rst), a mixin of ``SimHost``.
+
+    Once on, every new namespace block device is claimed as multipath-tools does: when udev
+    processes it, its rule (``multipath -u``) marks it ``DM_MULTIPATH_DEVICE_PATH=1``; ``delay``
+    seconds later multipathd has a map ``mpath<letter>`` (dm uuid ``mpath-<wwid>``) stacked on
+    it (``holders/dm-N``).  Without udev only the map appears.  With native multipath on,
+    multipath-tools leaves NVMe devices alone, and so does this one.
+    """
+
+    def multipathd_greedy(self, delay=0.5):
+        self.__dict__["_mpathd_delay"] = delay
+
+    def _new_block_device(self, name, devnum):
+        delay = self.__dict__.get("_mpathd_delay")
+        if delay is None or self.native:
+            return
+        data = os.path.join(self.root, "run/udev/data", "b" + devnum)
+        after = self.udev_delay or 0.0
+        if self.udev_delay is not None:
+            self.clock.at(after, lambda: _write(data, _read(data) + MPATH_MARK))
+        self.clock.at(after + delay, lambda: self._mpath_map(name))
+
+    def _mpath_map(self, name):
+        try:
+            with open(os.path.join(self._block_dir(name), "wwid")) as f:
+                wwid = f.read().strip()
+        except OSError:
+            return                  # gone already
+        maps = self.__dict__.setdefault("_mpath_maps", [])
+        dm = "dm-%d" % (90 + len(maps))
+        maps.append(dm)
+        d = os.path.join(self.sys, "devices/virtual/block", dm)
+        _write(os.path.join(d, "dm/name"), "mpath" + "abcdefghijklmnopqrstuvwxyz"[len(maps) - 1])
+        _write(os.path.join(d, "dm/uuid"), "mpath-" + wwid)
+        os.symlink(d, os.path.join(self.sys, "class/block", dm))
+        self.add_holder(name, dm)
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""

@@ -91,23 +91,12 @@ def pytest_runtest_call(item):
         signal.signal(signal.SIGALRM, old)
 
 
-#: Long fault-injection modules (minutes per VM): run only when asked for by name, e.g.
-#: ``nvmeof-mp lab gate -- -k "faults or multipathd"``.  Not in CI yet: their final form
-#: (bounds from the measured time away, multipathd's "ok" reply) has not passed a VM run.
-ON_REQUEST = {"test_gate_faults.py": "faults", "test_gate_multipathd.py": "multipathd"}
-
-
 def pytest_collection_modifyitems(config, items):
     here = os.path.dirname(__file__)
-    asked = config.getoption("keyword") or ""
     for item in items:
         if str(item.fspath).startswith(here):
             item.add_marker(pytest.mark.gate)
             item.user_properties.append(("cover", cover_cells(item)))
-            word = ON_REQUEST.get(os.path.basename(str(item.fspath)))
-            if word and word not in asked:
-                item.add_marker(pytest.mark.skip(
-                    reason="long fault test: run with -k %s (not in CI yet)" % word))
             if (item.originalname in SMOKE_TESTS
                     or os.path.basename(str(item.fspath)) in SMOKE_MODULES):
                 item.add_marker(pytest.mark.smoke)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from oslo_log import log as logging
 
-from nvmeof_mp import replicas, threads
+from nvmeof_mp import replicas
 from nvmeof_mp.exception import ReplicaError, UnsupportedHost
 from nvmeof_mp.locks import named_lock
 
@@ -99,7 +99,8 @@ def volume_paths(connector, request):
 
 
 def extend(connector, request):
-    legs = threads.map_concurrently("extend", connector.rescan_and_wait, request.targets)
+    # the attached replicas: a degraded map grows over them, the heal reloads it with all
+    legs = replicas.rescan_legs(connector, request)
     size = min(new for _, _, new in legs) // 512
     devnums = [replicas.block_attr(connector, dev, "dev") for dev, _, _ in legs]
     replicas.require_ok(connector.kernel.dm_load(map_name(request), size, devnums),

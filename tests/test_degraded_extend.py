@@ -1,12 +1,14 @@
 """Extend of a replicated volume that is attached degraded (one replica unreachable).
 
-Nova extends an attached volume whatever its health: the replicas that are attached grow and
-the md array / dm map grows with them; the absent replica is brought back by the next heal.
+Nova extends an attached volume whatever its health.  dm-multipath: the replicas attached now
+grow and the map grows over them; the absent replica comes back at the new size with the next
+heal.  RAID1: md cannot re-add a leg to an array grown without it, so the extend of a
+degraded array is refused with a reason (the daemon refuses the grow), and works after the heal.
 """
 
 import pytest
 
-from nvmeof_mp.exception import NVMeOFError
+from nvmeof_mp.exception import NVMeOFError, ReplicaError
 
 from test_replicated import NQA, NQB, UUID_TOP, dm_info, raid_info, two  # noqa: F401
 
@@ -18,18 +20,24 @@ def grow_both(lab):
     lab.sim.resize(NQB, 1, GROWN)
 
 
-def test_raid_extend_while_a_leg_is_away_grows_the_array(two):  # noqa: F811
+def test_raid_extend_while_a_leg_is_away_is_refused_until_the_heal(two):  # noqa: F811
+    """md refuses to re-add a leg whose superblock records a size below the array's (the
+    real kernel: "--re-add ... is not possible"): an array grown without a leg would keep
+    it out for good.  The extend says so and grows nothing; after the heal it grows."""
     two.connector.connect_volume(raid_info())
     two.connector.disconnect_volume(raid_info(), None)          # the legs carry superblocks
     two.sim.portal(NQB, 4421).mode = "refuse"
     result = two.connector.connect_volume(raid_info())
     assert result["degraded"] and list(two.sim.md["vol1"]["legs"]) == ["/dev/nvme0n1"]
+    before = two.sim.md["vol1"]["size"]
     grow_both(two)
-    assert two.connector.extend_volume(raid_info()) == (GROWN - 2048) * 512
-    assert two.sim.md["vol1"]["size"] == GROWN - 2048
+    with pytest.raises(ReplicaError, match="degraded.*heal"):
+        two.connector.extend_volume(raid_info())
+    assert two.sim.md["vol1"]["size"] == before
     two.sim.portal(NQB, 4421).mode = "up"
     healed = two.connector.check_paths(raid_info())
     assert healed["readded"] and len(two.sim.md["vol1"]["legs"]) == 2
+    assert two.connector.extend_volume(raid_info()) == (GROWN - 2048) * 512
     assert two.sim.md["vol1"]["size"] == GROWN - 2048
 
 

@@ -422,3 +422,18 @@ def test_daemon_never_re_adds_a_leg_ahead_of_the_running_array(daemon):
     daemon.examine["/dev/nvme1n1"] = _sb_of("vol1", events=4)        # merely stale: re-added
     assert storage.md_assemble("vol1", ["/dev/nvme0n1", "/dev/nvme1n1"])["left_out"] == []
     assert daemon.acted()[-1][-2:] == ["--re-add", "/dev/nvme1n1"]
+
+
+def test_daemon_grow_refuses_a_degraded_array(daemon):
+    """md would keep the absent leg out for good: it re-adds no leg smaller than the array."""
+    _running(daemon, "vol1", members=("/dev/nvme0n1",))
+    md = os.path.join(host.SYS, "block/md127/md")
+    os.makedirs(md)
+    with open(os.path.join(md, "degraded"), "w") as f:
+        f.write("1\n")
+    result = storage.md_grow("vol1")
+    assert not result["ok"] and "degraded" in result["error"] and daemon.acted() == []
+    with open(os.path.join(md, "degraded"), "w") as f:
+        f.write("0\n")
+    assert storage.md_grow("vol1")["ok"]
+    assert [a[1] for a in daemon.acted()] == ["--grow"]

@@ -157,6 +157,9 @@ class SimStorage:
         self._count("md_grow")
         with self.lock:
             md = self.md[name]
+            if list(md["legs"].values()).count("active") < md["raid_devices"]:
+                from nvmeof_mp.privileged.storage import GROW_DEGRADED
+                return self._fail(GROW_DEGRADED % ("/dev/md/" + name))
             md["size"] = min(self._size_of(d) for d, s in md["legs"].items()
                              if s == "active") - 2048
             _write(os.path.join(self.sys, "class/block/md%d/size" % md["minor"]), str(md["size"]))

@@ -2,9 +2,11 @@
 
 - degraded attach, extend and heal for RAID1 (``volume_replicas``) and dm-multipath
   (``dm_replicas``): a replica's target is down before the attach, the attach succeeds
-  degraded and says so, the volume is extended while degraded, the missing replica is seen
-  (md ``degraded``, the map's path list, the path report) before the heal brings it back,
-  and the data written before is intact after it;
+  degraded and says so, the missing replica is seen (md ``degraded``, the map's path list,
+  the path report) before the heal brings it back, and the data written before is intact
+  after it.  Extend while degraded: the dm map grows over the replica it has; a degraded md
+  array is not grown (md would never re-add the absent leg to it), the extend says why and
+  works after the heal;
 - dm-multipath over replicas that each have two portals (native multipath per replica): one
   portal of one replica lost under I/O.
 
@@ -13,12 +15,14 @@ agent), not only the connector's own return.
 """
 
 import os
+import re
 import time
 
 import pytest
 from test_gate import (NQN, STALL_LIMIT, U1, U2, UTOP, controllers, portal, replicas,
                        stall_under_failure)
 
+from nvmeof_mp.exception import ReplicaError
 from nvmeof_mp.lab.workload import Writer, verify, wait_for
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
@@ -94,18 +98,24 @@ def test_cover_raid_degraded_attach_extend_heal(connector, target):
     assert verdicts(connector, raid) == {NQA: "healthy", NQB: "down"}
     assert verify(result["path"], written) == []
 
-    grow_both(target)                                     # extend while degraded
-    size = connector.extend_volume(raid)
-    assert size > 64 * MIB and size_bytes(result["path"]) == size
-    assert sysfs(md, "md/degraded") == "1"                # still one leg: seen before the heal
-    written.update(write_some(result["path"]))
+    # extend while degraded: refused with the reason, nothing grown (md would never re-add
+    # leg B to an array grown without it: "--re-add ... is not possible")
+    before = size_bytes(result["path"])
+    grow_both(target)
+    with pytest.raises(ReplicaError, match="degraded.*heal"):
+        connector.extend_volume(raid)
+    assert size_bytes(result["path"]) == before and sysfs(md, "md/degraded") == "1"
+    written.update(write_some(result["path"]))            # the array still takes writes
 
     target.link(2, NQB)
     report = connector.check_paths(raid)
-    assert report["healed"] and verdicts(connector, raid) == {NQA: "healthy", NQB: "healthy"}
+    assert report["healed"] and report["readded"], report
+    assert verdicts(connector, raid) == {NQA: "healthy", NQB: "healthy"}
     assert wait_for(lambda: sysfs(md, "md/degraded") == "0", 60), md_members(result["path"])
-    assert sorted(md_members(result["path"]).values()) == ["in_sync", "in_sync"]
-    assert size_bytes(result["path"]) == size
+    assert [s.split(",")[0] for s in md_members(result["path"]).values()] == [
+        "in_sync", "in_sync"]
+    size = connector.extend_volume(raid)                  # healed: the extend grows it
+    assert size > before and size_bytes(result["path"]) == size
     assert verify(result["path"], written) == []
     connector.disconnect_volume(raid, result)
     assert not os.path.exists("/dev/md/covraid") and controllers() == {}
@@ -167,11 +177,12 @@ def test_cover_dm_over_two_portal_replicas_loses_one_portal_under_io(connector, 
     result = connector.connect_volume(dm)
     assert result["path"] == "/dev/mapper/" + UTOP and not result["degraded"], result
     assert len(controllers()) == 4 and len(dm_slaves(result["path"])) == 2
-    # each dm path is a native multipath head (nvmeXnY over two controllers)
+    # each dm path is a native multipath head nvmeXnY over two path devices nvmeXcYnY
     for leg in result["replicas"]:
-        head = os.path.basename(leg["device"])
-        assert len(os.listdir("/sys/block/%s/slaves" % head)) == 0      # not a dm/md
-        assert len([p for p in os.listdir("/sys/block/%s/multipath" % head)]) == 2
+        subsys, nsid = re.fullmatch(r"/dev/nvme(\d+)n(\d+)", leg["device"]).groups()
+        paths = [d for d in os.listdir("/sys/class/block")
+                 if re.fullmatch(r"nvme%sc\d+n%s" % (subsys, nsid), d)]
+        assert len(paths) == 2, (leg, paths)
 
     seen = {}
 

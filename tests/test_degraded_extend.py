@@ -63,3 +63,25 @@ def test_extend_with_no_replica_attached_is_an_error(two, info):  # noqa: F811
     two.connector.disconnect_volume(info(), None)
     with pytest.raises(NVMeOFError):
         two.connector.extend_volume(info())
+
+
+def test_dm_heal_never_shrinks_a_map_grown_without_a_replica(two):  # noqa: F811
+    """The map grew over replica A while B was away, and B comes back at its old size (its
+    target was not extended): the heal must leave B out, not cut the map down to B's size
+    under the data written past it."""
+    two.sim.portal(NQB, 4421).mode = "refuse"
+    two.connector.connect_volume(dm_info())
+    two.sim.resize(NQA, 1, GROWN)
+    assert two.connector.extend_volume(dm_info()) == GROWN * 512
+    two.sim.portal(NQB, 4421).mode = "up"
+    result = two.connector.connect_volume(dm_info())          # attach again = heal
+    table = two.sim.dm[UUID_TOP]
+    assert table["size"] == GROWN and len(table["paths"]) == 1, table
+    assert result["degraded"]
+    b = next(r for r in result["replicas"] if r["nqn"] == NQB)
+    assert b["degraded"] and "smaller" in b["error"], b
+    two.sim.resize(NQB, 1, GROWN)                              # its target catches up
+    two.sim.clock.sleep(1)
+    healed = two.connector.connect_volume(dm_info())
+    assert not healed["degraded"] and len(two.sim.dm[UUID_TOP]["paths"]) == 2
+    assert two.sim.dm[UUID_TOP]["size"] == GROWN

@@ -178,9 +178,16 @@ class SimStorage:
         with self.lock:
             old = self.dm.get(name, {"paths": {}})["paths"]
             queueing = self.dm.get(name, {}).get("queueing", True)
-            self.dm[name] = {"size": size_sectors, "queueing": queueing,
+            minor = self.dm.get(name, {}).get("minor")
+            if minor is None:       # a new map: /dev/mapper/<name> -> ../dm-N, as udev makes
+                used = {m.get("minor") for m in self.dm.values()}
+                minor = next(n for n in range(1 << 20) if n not in used)
+                _write(os.path.join(self.root, "dev/dm-%d" % minor), "")
+                os.makedirs(os.path.join(self.root, "dev/mapper"), exist_ok=True)
+                os.symlink("../dm-%d" % minor, os.path.join(self.root, "dev/mapper", name))
+            self.dm[name] = {"size": size_sectors, "queueing": queueing, "minor": minor,
                              "paths": {d: old.get(d, "A") for d in devnums}}
-            _write(os.path.join(self.root, "dev/mapper", name), "")
+            _write(os.path.join(self.sys, "class/block/dm-%d/size" % minor), str(size_sectors))
             return self._ok()
 
     def dm_message(self, name, message, devnum=None):
@@ -201,7 +208,11 @@ class SimStorage:
     def dm_remove(self, name):
         self._count("dm_remove")
         with self.lock:
-            if self.dm.pop(name, None) is None:
+            dm = self.dm.pop(name, None)
+            if dm is None:
                 return self._fail("Device %s not found" % name)
             _unlink(os.path.join(self.root, "dev/mapper", name))
+            _unlink(os.path.join(self.root, "dev/dm-%d" % dm["minor"]))
+            shutil.rmtree(os.path.join(self.sys, "class/block/dm-%d" % dm["minor"]),
+                          ignore_errors=True)
             return self._ok()

@@ -6,6 +6,8 @@ heal.  RAID1: md cannot re-add a leg to an array grown without it, so the extend
 degraded array is refused with a reason (the daemon refuses the grow), and works after the heal.
 """
 
+import json
+
 import pytest
 
 from nvmeof_mp.exception import NVMeOFError, ReplicaError
@@ -85,3 +87,24 @@ def test_dm_heal_never_shrinks_a_map_grown_without_a_replica(two):  # noqa: F811
     healed = two.connector.connect_volume(dm_info())
     assert not healed["degraded"] and len(two.sim.dm[UUID_TOP]["paths"]) == 2
     assert two.sim.dm[UUID_TOP]["size"] == GROWN
+
+
+def test_heal_that_leaves_a_raid_leg_out_says_so(two, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """Every NVMe path is back but md keeps a leg out (its superblock is ahead of the array:
+    never re-added): the heal must not read healthy, and ``nvmeof-mp heal`` exits 1."""
+    from nvmeof_mp import cli
+    two.connector.connect_volume(raid_info())
+    two.connector.disconnect_volume(raid_info(), None)
+    two.sim.portal(NQB, 4421).mode = "refuse"
+    two.connector.connect_volume(raid_info())
+    two.sim.superblocks[(NQB, 1)]["events"] = 99                 # split history
+    two.sim.portal(NQB, 4421).mode = "up"
+    report = two.connector.check_paths(raid_info())
+    assert [r["verdict"] for r in report["after"]] == ["healthy", "healthy"]
+    assert len(two.sim.md["vol1"]["legs"]) == 1                  # B stays out
+    assert report["degraded"] and [leg["nqn"] for leg in report["left_out"]] == [NQB]
+    path = tmp_path / "raid.json"
+    path.write_text(json.dumps(raid_info()))
+    monkeypatch.setattr(cli, "_connector", lambda args: two.connector)
+    assert cli.main(["heal", str(path)]) == 1
+    assert "still degraded" in capsys.readouterr().out

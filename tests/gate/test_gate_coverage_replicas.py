@@ -109,7 +109,7 @@ def test_cover_raid_degraded_attach_extend_heal(connector, target):
 
     target.link(2, NQB)
     report = connector.check_paths(raid)
-    assert report["healed"] and report["readded"], report
+    assert report["healed"] and report["readded"] and not report["degraded"], report
     assert verdicts(connector, raid) == {NQA: "healthy", NQB: "healthy"}
     assert wait_for(lambda: sysfs(md, "md/degraded") == "0", 60), md_members(result["path"])
     assert [s.split(",")[0] for s in md_members(result["path"]).values()] == [
@@ -142,7 +142,8 @@ def test_cover_dm_degraded_attach_extend_heal(connector, target):
 
     target.link(2, NQB)
     report = connector.check_paths(dm)
-    assert report["healed"] and verdicts(connector, dm) == {NQA: "healthy", NQB: "healthy"}
+    assert report["healed"] and not report["degraded"], report
+    assert verdicts(connector, dm) == {NQA: "healthy", NQB: "healthy"}
     assert len(dm_slaves(result["path"])) == 2
     states = target.dm_status(UTOP)
     assert sorted(states.values()) == ["A", "A"], states

@@ -103,7 +103,10 @@ def cmd_heal(args):
         if not result["attached"]:
             print("not attached: nothing to heal")
         print("\n".join(status.format_text(r) for r in result["after"]))
-    return 0 if all(r["verdict"] == "healthy" for r in result["after"]) else 1
+        for leg in result.get("left_out") or ():
+            print("still degraded: %s is kept out: %s" % (leg["nqn"], leg["error"]))
+    return 0 if all(r["verdict"] == "healthy" for r in result["after"]) and not result.get(
+        "degraded") else 1
 
 
 def cmd_status(args):

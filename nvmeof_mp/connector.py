@@ -283,11 +283,15 @@ class NVMeOFConnector:
         registered = record is not None and record["state"] == reg.ATTACHED
         if not registered and not self.get_volume_paths(info):
             return {"attached": False, "healed": False, "before": before, "after": before}
-        readded = []
         if registered:
-            readded = self._connect(request).get("readded") or []
+            joined = self._connect(request)
         else:
-            self._connect_registered(request, info)     # attached before the registry knew
+            joined = self._connect_registered(request, info)    # attached before the registry
+        readded = joined.get("readded") or []
+        # a replica md or dm keeps out (split history, smaller than the map) is not healed,
+        # whatever its NVMe paths say
+        left_out = [{"nqn": r["nqn"], "error": r["error"]} for r in joined.get("replicas") or ()
+                    if r["device"] and r["degraded"] and r["error"]]
         # new controllers are live; give their namespace paths a moment to show up
         from nvmeof_mp.waiting import poll
         after = poll(lambda: _all_healthy(self.get_path_status(info)),
@@ -301,7 +305,7 @@ class NVMeOFConnector:
                                                             % ", ".join(readded)
                                                             if readded else ""))
         return {"attached": True, "healed": healed, "before": before, "after": after,
-                "readded": readded}
+                "readded": readded, "degraded": bool(left_out), "left_out": left_out}
 
     def heal_all(self):
         """Heal every volume of the registry (``nvmeof-mp heal --all``, the heal timer), and

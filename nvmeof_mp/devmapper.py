@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from oslo_log import log as logging
 
-from nvmeof_mp import replicas, threads
-from nvmeof_mp.exception import ReplicaError, UnsupportedHost
+from nvmeof_mp import replicas
+from nvmeof_mp.exception import NVMeOFError, ReplicaError, UnsupportedHost
 from nvmeof_mp.locks import named_lock
 
 LOG = logging.getLogger(__name__)
@@ -43,6 +43,9 @@ def connect(connector, request, pending=None):
     existed = replicas.exists(connector, device_path(request))
     results = replicas.attach_all(connector, request, pending)
     legs = [att for _, att, _ in results if att]
+    sizes = {att.device: att.namespace.size_sectors for att in legs}
+    small = _smaller_than_the_map(connector, request, legs, sizes) if existed else {}
+    legs = [att for att in legs if att.device not in small]
     if not _usable(connector):
         return {"type": "block", "path": legs[0].device, "degraded": True,
                 "replicas": replicas.leg_report(results)}
@@ -53,7 +56,7 @@ def connect(connector, request, pending=None):
         if None in devnums:
             raise ReplicaError(reason="cannot read the device number of %s" % ", ".join(
                 a.device for a, d in zip(legs, devnums, strict=True) if d is None))
-        size = min(att.namespace.size_sectors for att in legs)
+        size = min(sizes[att.device] for att in legs)
         with named_lock("dm-" + name, connector.lock_path):
             loaded.append(name)
             replicas.require_ok(connector.kernel.dm_load(name, size, devnums),
@@ -73,8 +76,35 @@ def connect(connector, request, pending=None):
     (LOG.warning if degraded else LOG.info)(
         "Attached %s at %s%s", request.describe(), device_path(request),
         " (DEGRADED)" if degraded else "")
+    report = replicas.leg_report(results)
+    for entry in report:
+        if entry["device"] in small:
+            entry.update(degraded=True, error=small[entry["device"]])
     return {"type": "block", "path": device_path(request), "degraded": degraded,
-            "replicas": replicas.leg_report(results)}
+            "replicas": report}
+
+
+def _smaller_than_the_map(connector, request, legs, sizes):
+    """{device: why} of the replicas smaller than the running map (it grew while they were
+    away): each is rescanned first (``sizes`` updated), and one still smaller (its target
+    has not caught up) is left out of the map, which is never cut down under the data
+    written past its end.  None fits: ReplicaError, the map stays as it is."""
+    current = int(replicas.block_attr(connector, device_path(request), "size") or 0)
+    for att in legs:
+        if sizes[att.device] < current:
+            try:
+                sizes[att.device] = connector.rescan_and_wait(att.target)[2] // 512
+            except NVMeOFError as e:
+                LOG.info("%s: rescan of %s failed: %s", request.describe(), att.device, e)
+    small = {att.device: "smaller than the map (%d < %d sectors): left out, it would cut the "
+             "map down" % (sizes[att.device], current)
+             for att in legs if sizes[att.device] < current}
+    for device, why in small.items():
+        LOG.warning("%s: replica %s %s", request.describe(), device, why)
+    if small and len(small) == len(legs):
+        raise ReplicaError(reason="%s: every replica attached is smaller than the map (%d "
+                           "sectors): not reloaded" % (request.describe(), current))
+    return small
 
 
 def disconnect(connector, request, force=False):
@@ -99,7 +129,8 @@ def volume_paths(connector, request):
 
 
 def extend(connector, request):
-    legs = threads.map_concurrently("extend", connector.rescan_and_wait, request.targets)
+    # the attached replicas: a degraded map grows over them, the heal reloads it with all
+    legs = replicas.rescan_legs(connector, request)
     size = min(new for _, _, new in legs) // 512
     devnums = [replicas.block_attr(connector, dev, "dev") for dev, _, _ in legs]
     replicas.require_ok(connector.kernel.dm_load(map_name(request), size, devnums),

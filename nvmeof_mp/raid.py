@@ -16,7 +16,7 @@ import os
 
 from oslo_log import log as logging
 
-from nvmeof_mp import replicas, threads
+from nvmeof_mp import replicas
 from nvmeof_mp.exception import ReplicaError
 from nvmeof_mp.locks import named_lock
 from nvmeof_mp.plan import find_namespace
@@ -198,7 +198,7 @@ def extend(connector, request):
         LOG.info("Extended %s: %d -> %d bytes", device, old, new)
         return new
     old = int(replicas.block_attr(connector, device_path(request), "size") or 0) * 512
-    threads.map_concurrently("extend", connector.rescan_and_wait, request.targets)
+    replicas.rescan_legs(connector, request)      # the attached legs: degraded grows too
     replicas.require_ok(connector.kernel.md_grow(md_name(request.alias)), "mdadm --grow")
     new = int(replicas.block_attr(connector, device_path(request), "size") or 0) * 512
     LOG.info("Extended %s: %d -> %d bytes", device_path(request), old, new)

@@ -12,7 +12,9 @@ import os
 
 from oslo_log import log as logging
 
-from nvmeof_mp.exception import DetachAborted, ForeignClaim, NVMeOFError, ReplicaError
+from nvmeof_mp import threads
+from nvmeof_mp.exception import (DetachAborted, ForeignClaim, NVMeOFError, ReplicaError,
+                                 VolumeDeviceNotFound, VolumePathsNotFound)
 from nvmeof_mp.waiting import poll
 
 LOG = logging.getLogger(__name__)
@@ -172,3 +174,25 @@ def require_ok(result, what):
     if not result.get("ok"):
         raise ReplicaError(reason="%s failed: %s" % (what, result.get("error")))
     return result
+
+
+def rescan_legs(connector, request):
+    """Bring every attached replica to its target's size, concurrently (extend).
+
+    A replica that is not attached now, or has no live path, is skipped with a warning: the
+    volume is degraded and grows with the replicas it has (the next heal brings the others
+    back at the new size).  Returns [(device, old, new)] of the rescanned replicas; raises
+    the first replica's error when none could be rescanned.
+    """
+    def one(target):
+        try:
+            return connector.rescan_and_wait(target)
+        except (VolumePathsNotFound, VolumeDeviceNotFound) as e:
+            LOG.warning("Extend of %s: replica %s skipped (%s)", request.describe(),
+                        target.describe(), e)
+            return e
+    results = threads.map_concurrently("extend", one, request.targets)
+    legs = [r for r in results if not isinstance(r, NVMeOFError)]
+    if not legs:
+        raise results[0]
+    return legs

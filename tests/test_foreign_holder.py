@@ -93,12 +93,8 @@ def test_our_own_dm_map_over_a_leg_is_no_foreign_claim(make_lab):
     lab.target(nqn=NQA, ports=(4420,), namespaces=((1, UUID),))
     lab.target(nqn=NQB, ports=(4421,), namespaces=((1, UUID2),))
     first = lab.connector.connect_volume(dm_info())
-    ours = os.path.join(lab.root, "sys/devices/virtual/block/dm-0")
-    for attr, value in (("name", UUID_TOP), ("uuid", "nvmeof_mp-" + UUID_TOP)):
-        os.makedirs(os.path.join(ours, "dm"), exist_ok=True)
-        with open(os.path.join(ours, "dm", attr), "w") as f:
-            f.write(value + "\n")
-    os.symlink(ours, os.path.join(lab.root, "sys/class/block/dm-0"))
+    with open(os.path.join(lab.root, "sys/class/block/dm-0/dm/uuid")) as f:
+        assert f.read().strip() == "nvmeof_mp-" + UUID_TOP     # the simulated map is ours
     for leg in ("nvme0n1", "nvme1n1"):
         lab.sim.add_holder(leg, "dm-0")
     again = lab.connector.connect_volume(dm_info())

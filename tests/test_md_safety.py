@@ -442,3 +442,18 @@ def test_daemon_an_unnamed_array_is_ours_only_with_the_marker_and_through_its_li
     assert "not an array this library made" in storage.md_stop("vol1")["error"]
     assert storage.ownership({"MD_UUID": MARKED}, "vol1") is None    # not via the link
     assert daemon.acted() == []
+
+
+def test_daemon_grow_refuses_a_degraded_array(daemon):
+    """md would keep the absent leg out for good: it re-adds no leg smaller than the array."""
+    _running(daemon, "vol1", members=("/dev/nvme0n1",))
+    md = os.path.join(host.SYS, "block/md127/md")
+    os.makedirs(md)
+    with open(os.path.join(md, "degraded"), "w") as f:
+        f.write("1\n")
+    result = storage.md_grow("vol1")
+    assert not result["ok"] and "degraded" in result["error"] and daemon.acted() == []
+    with open(os.path.join(md, "degraded"), "w") as f:
+        f.write("0\n")
+    assert storage.md_grow("vol1")["ok"]
+    assert [a[1] for a in daemon.acted()] == ["--grow"]

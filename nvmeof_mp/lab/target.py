@@ -143,7 +143,9 @@ class Target:
         return self.root / "ports" / str(port_id)
 
     def add_port(self, port_id: int, trsvcid, traddr: str = "127.0.0.1", trtype: str = "tcp",
-                 adrfam: str = "ipv4") -> None:
+                 adrfam: str | None = None) -> None:
+        """A listening port; ``adrfam`` follows ``traddr`` unless given (``::1``: ipv6)."""
+        adrfam = adrfam or ("ipv6" if ":" in traddr else "ipv4")
         port = self._port(port_id)
         port.mkdir()
         _write(port / "addr_trtype", trtype)
@@ -272,6 +274,11 @@ class Target:
         if what not in ("maps", "paths", "config"):
             raise ValueError(what)
         return _multipathd("show", what)
+
+    def dm_status(self, name: str) -> dict:
+        """The kernel's view of a dm-multipath map's paths (``dmsetup status``, root only):
+        {"major:minor": "A" or "F"}; {} for a map that does not exist."""
+        return dm_path_states(name)
 
     def dm_tables(self) -> dict:
         """Every dm map: name -> {"uuid": .., "table": ..}."""
@@ -472,6 +479,13 @@ def dm_tables():
     return out
 
 
+def dm_path_states(name):
+    out = subprocess.run(["dmsetup", "status", name], capture_output=True, text=True).stdout
+    words = out.split()
+    return {w: words[i + 1] for i, w in enumerate(words[:-1])
+            if re.fullmatch(r"\d+:\d+", w) and words[i + 1] in ("A", "F")}
+
+
 def clear_registry():
     import shutil
     left = sorted(os.listdir(os.path.join(REGISTRY, "volumes"))) if os.path.isdir(
@@ -571,7 +585,8 @@ AGENT_OPS = ("add_subsystem", "allow_host", "set_host_keys", "auth_supported", "
              "teardown", "cleanup_initiator", "kill_process", "mount_scratch",
              "umount_scratch", "hold_exclusive", "release_exclusive", "clear_registry",
              "rdma", "drop_port", "undrop_ports", "stop_subsystem", "start_subsystem",
-             "start_multipathd", "stop_multipathd", "multipathd_show", "dm_tables")
+             "start_multipathd", "stop_multipathd", "multipathd_show", "dm_tables",
+             "dm_status")
 
 
 class TargetAgent:

@@ -343,13 +343,31 @@ def stop_array(name, dev="/dev", device=None):
     return result
 
 
+#: why a degraded array is not grown (the library's error names it)
+GROW_DEGRADED = ("%s is degraded: growing it now would keep the absent legs out for good (md "
+                 "re-adds no leg smaller than the array); heal the volume, then extend")
+
+
 @privileged.default.entrypoint
 def md_grow(name):
     md = "/dev/md/" + alias(name)
     why = not_ours(md, name)
     if why:
         return _refused(why)
+    if _degraded(md):
+        return _refused(GROW_DEGRADED % md)
     return _run(["mdadm", "--grow", md, "--size", "max"])
+
+
+def _degraded(array):
+    """Does md count a missing or failed leg in the array (sysfs ``md/degraded``)?"""
+    node = _md_node(array)
+    try:
+        with open(os.path.join(host.SYS, "block", os.path.basename(node or ""),
+                               "md/degraded")) as f:
+            return int(f.read().strip() or 0) > 0
+    except (OSError, ValueError):
+        return False            # no such array: mdadm says so
 
 
 def _events(info):

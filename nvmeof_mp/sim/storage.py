@@ -157,6 +157,9 @@ class SimStorage:
         self._count("md_grow")
         with self.lock:
             md = self.md[name]
+            if list(md["legs"].values()).count("active") < md["raid_devices"]:
+                from nvmeof_mp.privileged.storage import GROW_DEGRADED
+                return self._fail(GROW_DEGRADED % ("/dev/md/" + name))
             md["size"] = min(self._size_of(d) for d, s in md["legs"].items()
                              if s == "active") - 2048
             _write(os.path.join(self.sys, "class/block/md%d/size" % md["minor"]), str(md["size"]))
@@ -175,9 +178,23 @@ class SimStorage:
         with self.lock:
             old = self.dm.get(name, {"paths": {}})["paths"]
             queueing = self.dm.get(name, {}).get("queueing", True)
-            self.dm[name] = {"size": size_sectors, "queueing": queueing,
+            minor = self.dm.get(name, {}).get("minor")
+            if minor is None:       # a new map: /dev/mapper/<name> -> ../dm-N, as udev makes
+                used = {m.get("minor") for m in self.dm.values()}
+                minor = next(n for n in range(1 << 20) if n not in used)
+                _write(os.path.join(self.root, "dev/dm-%d" % minor), "")
+                os.makedirs(os.path.join(self.root, "dev/mapper"), exist_ok=True)
+                os.symlink("../dm-%d" % minor, os.path.join(self.root, "dev/mapper", name))
+            self.dm[name] = {"size": size_sectors, "queueing": queueing, "minor": minor,
                              "paths": {d: old.get(d, "A") for d in devnums}}
-            _write(os.path.join(self.root, "dev/mapper", name), "")
+            node = os.path.join(self.sys, "devices/virtual/block/dm-%d" % minor)
+            _write(os.path.join(node, "size"), str(size_sectors))
+            _write(os.path.join(node, "dm/name"), name + "\n")
+            _write(os.path.join(node, "dm/uuid"), "nvmeof_mp-" + name + "\n")
+            link = os.path.join(self.sys, "class/block/dm-%d" % minor)
+            if not os.path.islink(link):
+                os.makedirs(os.path.dirname(link), exist_ok=True)
+                os.symlink(node, link)
             return self._ok()
 
     def dm_message(self, name, message, devnum=None):
@@ -198,7 +215,12 @@ class SimStorage:
     def dm_remove(self, name):
         self._count("dm_remove")
         with self.lock:
-            if self.dm.pop(name, None) is None:
+            dm = self.dm.pop(name, None)
+            if dm is None:
                 return self._fail("Device %s not found" % name)
             _unlink(os.path.join(self.root, "dev/mapper", name))
+            _unlink(os.path.join(self.root, "dev/dm-%d" % dm["minor"]))
+            _unlink(os.path.join(self.sys, "class/block/dm-%d" % dm["minor"]))
+            shutil.rmtree(os.path.join(self.sys, "devices/virtual/block/dm-%d" % dm["minor"]),
+                          ignore_errors=True)
             return self._ok()

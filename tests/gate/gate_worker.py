@@ -144,7 +144,31 @@ def dies_at(args):
     return {"survived": True}
 
 
-SCENARIOS = {f.__name__: f for f in (back_to_back, green_pair, killed_attach, dies_at)}
+def at_once(args):
+    """Start the privsep daemon, make the file ``ready``, wait (bounded) for the file ``go``, then
+    attach ``info``, check a block, detach: several of these started together attach at the
+    same moment.  Returns the attach's start and end on CLOCK_MONOTONIC (one clock for every
+    process of the host) and the device."""
+    conn = connector()
+    conn.kernel.read_system_uuid()                  # the daemon is up before "ready"
+    with open(args["ready"], "w"):
+        pass
+    end = time.monotonic() + 60
+    while not os.path.exists(args["go"]):
+        if time.monotonic() > end:
+            raise TimeoutError("no go after 60 s")
+        time.sleep(0.01)
+    start = time.monotonic()
+    result = conn.connect_volume(args["info"])
+    attached = time.monotonic()
+    check_block(result["path"], args["seq"])
+    conn.disconnect_volume(args["info"], result)
+    return {"path": result["path"], "start": start, "attached": attached,
+            "detached": time.monotonic()}
+
+
+SCENARIOS = {f.__name__: f for f in (back_to_back, green_pair, killed_attach, dies_at,
+                                     at_once)}
 
 
 def main():

@@ -135,6 +135,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "no_native: needs nvme_core multipath=N")
     config.addinivalue_line("markers", "root_too: also runs as root without a root helper "
                             "(forked privsep daemon)")
+    config.addinivalue_line("markers", "cinder: the Cinder LVM-NVMeoF job (Cinder's LVM driver "
+                            "and nvmet target helper; nvmeof-mp lab cinder)")
     config.addinivalue_line("markers", "smoke: the sample run on every kernel (SMOKE_TESTS)")
     config.addinivalue_line("markers", "cover(scenario, mode='single', transport='tcp'): the "
                             "cell of the coverage table (doc/source/coverage.rst) this test "

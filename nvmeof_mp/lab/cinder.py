@@ -1,0 +1,362 @@
+"""Cinder's own LVM driver and nvmet target helper in the lab (the LVM-NVMeoF job, issue 16).
+
+Three parts, one concern: run real Cinder code next to the lab target.
+
+* Host side, :func:`ensure_venv`: a virtualenv under the lab cache with ``cinder`` from PyPI
+  and the ``nvmet`` module of Debian's ``nvmetcli`` package (unpacked with ``dpkg -x`` from
+  the suite the lab already reads kernels from; Cinder's nvmet target helper imports it).
+* Guest side, root, in the target agent, :func:`worker`: starts the worker below once per VM
+  and forwards JSON requests to it (``TargetClient().cinder(op, **kwargs)``).
+* Guest side, root, in the Cinder venv, :func:`serve`: Cinder's ``LVMVolumeDriver`` with
+  ``target_helper = nvmet``, its volumes as ``cinder.objects.Volume`` with an admin context and
+  no database, as Cinder's own unit tests build them.  The volume manager's steps are done in
+  its order (``_connection_create``, ``attachment_delete``, ``extend_volume``) and its
+  ``_parse_connection_options`` runs for real, so the connection info is what Cinder's API
+  hands Nova.
+
+The project is on the worker's path through ``PYTHONPATH`` (the lab sets it in the guest).
+"""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from . import paths
+
+CINDER = "cinder==29.0.0"
+#: Debian package with the ``nvmet`` Python module (architecture all); only sid has 0.9
+NVMETCLI = "nvmetcli"
+NVMETCLI_SUITE = "sid"
+#: environment variable naming the Cinder venv's python in the guest
+PYTHON_ENV = "NVMEOF_MP_CINDER_PYTHON"
+_READY = ".nvmeof-mp-ready"
+
+
+# ---------------------------------------------------------------- host side
+
+def venv_dir() -> Path:
+    return paths.lab_dir() / "cinder-venv"
+
+
+def ready_python() -> Path | None:
+    """The Cinder venv's python if the venv is complete, else None."""
+    venv = venv_dir()
+    return venv / "bin" / "python" if (venv / _READY).exists() else None
+
+
+def fetch_nvmetcli() -> Path:
+    """Debian's nvmetcli unpacked in the lab cache; returns the dir holding ``nvmet/``."""
+    from .kernel import SUITES, AptSource, LabError
+    root = paths.lab_dir() / "nvmetcli"
+    site = root / "usr" / "lib" / "python3" / "dist-packages"
+    if (site / "nvmet" / "nvme.py").exists():
+        return site
+    version = next(v for v, suite in SUITES.items() if suite == NVMETCLI_SUITE)
+    source = AptSource(version)     # the lab's private apt configuration of that suite
+    with tempfile.TemporaryDirectory(dir=paths.lab_dir()) as work:
+        try:
+            deb = source.download(NVMETCLI, Path(work))
+        except LabError:
+            source._update()        # lists of the suite not fetched yet
+            deb = source.download(NVMETCLI, Path(work))
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    return site
+
+
+def ensure_venv() -> Path:
+    """The Cinder venv (made once): cinder from PyPI + nvmetcli's ``nvmet``; its python."""
+    python = ready_python()
+    if python:
+        return python
+    venv = venv_dir()
+    python = venv / "bin" / "python"
+    print(f"lab: installing {CINDER} into {venv}", file=sys.stderr, flush=True)
+    if not python.exists():
+        subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                    CINDER], check=True)
+    nvmet = fetch_nvmetcli()
+    for site in glob.glob(str(venv / "lib" / "python3*" / "site-packages")):
+        Path(site, "nvmetcli.pth").write_text(f"{nvmet}\n")
+    (venv / _READY).write_text(CINDER + "\n")
+    return python
+
+
+def guest_env() -> dict:
+    """What the guest needs to find the Cinder venv (empty if it is not built)."""
+    python = ready_python()
+    return {PYTHON_ENV: str(python)} if python else {}
+
+
+# ---------------------------------------------------------------- guest side: the client
+
+class WorkerError(RuntimeError):
+    """A Cinder operation failed in the worker."""
+
+
+class Worker:
+    """The Cinder worker process and its request pipe (one request at a time)."""
+
+    def __init__(self, python: str, log_path: str):
+        self.log = open(log_path, "ab")
+        self.proc = subprocess.Popen(
+            [python, "-m", "nvmeof_mp.lab.cinder"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=self.log, env=dict(os.environ))
+        self._lock = threading.Lock()
+
+    def call(self, op: str, **kwargs):
+        with self._lock:
+            if self.proc.poll() is not None:
+                raise WorkerError(f"cinder worker exited rc={self.proc.returncode}")
+            self.proc.stdin.write(json.dumps({"op": op, "kwargs": kwargs}).encode() + b"\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        if not line:
+            raise WorkerError(f"{op}: cinder worker died (rc={self.proc.wait()})")
+        reply = json.loads(line)
+        if not reply["ok"]:
+            raise WorkerError(f"{op}: {reply['error']}")
+        return reply["result"]
+
+
+_WORKER = None
+_WORKER_LOCK = threading.Lock()
+
+
+def worker() -> Worker:
+    """The worker of this VM, started on first use (Cinder's imports take seconds)."""
+    global _WORKER
+    with _WORKER_LOCK:
+        if _WORKER is None:
+            python = os.environ.get(PYTHON_ENV) or (ready_python() and str(ready_python()))
+            if not python:
+                raise WorkerError("no Cinder venv: run 'nvmeof-mp lab cinder' on the host")
+            out = os.environ.get("NVMEOF_MP_LAB_OUT") or tempfile.gettempdir()
+            _WORKER = Worker(python, os.path.join(out, "cinder-worker.log"))
+        return _WORKER
+
+
+# ---------------------------------------------------------------- guest side: the worker
+
+STATE_DIR = "/run/nvmeof-lab/cinder"
+NVMET = Path("/sys/kernel/config/nvmet")
+
+
+def _sh(*argv) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
+class Backends:
+    """Cinder's LVM drivers by backend name, and the volumes made through them (root)."""
+
+    def __init__(self, state_dir: str = STATE_DIR):
+        import logging
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        logging.getLogger("cinder.volume.targets").setLevel(logging.DEBUG)
+        from oslo_concurrency import lockutils
+        from oslo_privsep import priv_context
+
+        import cinder.privsep
+        from cinder import context, objects
+        from cinder.common import config  # noqa: F401  (registers cinder's global options)
+        from cinder.volume import configuration
+        self.state_dir = state_dir
+        os.makedirs(state_dir, exist_ok=True)
+        self.conf = configuration.CONF
+        self.conf([], project="cinder", default_config_files=[])
+        lockutils.set_defaults(os.path.join(state_dir, "locks"))
+        objects.register_all()
+        # root in the VM: Cinder's privsep daemon forked, as by a root service
+        cinder.privsep.sys_admin_pctxt.start(priv_context.Method.FORK)
+        self.ctxt = context.get_admin_context()
+        self.drivers = {}
+        self.volumes = {}       # id -> (backend name, Volume)
+
+    # -- the volume group ------------------------------------------------------------------
+    def op_volume_group(self, name: str, size_gb: int) -> dict:
+        """A VG on a loop device over a sparse file in a tmpfs (made once per VM)."""
+        if subprocess.run(["vgs", name], capture_output=True).returncode == 0:
+            return {"vg": name, "created": False}
+        image = os.path.join(self.state_dir, f"{name}.img")
+        with open(image, "wb") as f:
+            f.truncate(size_gb << 30)
+        loop = _sh("losetup", "--find", "--show", image).strip()
+        _sh("pvcreate", "-q", loop)
+        _sh("vgcreate", "-q", name, loop)
+        return {"vg": name, "created": True, "pv": loop}
+
+    # -- drivers -------------------------------------------------------------------------------
+    def op_backend(self, name: str, options: dict) -> dict:
+        """Cinder's LVMVolumeDriver for config group ``name`` with ``options`` (as in a
+        ``[name]`` section of cinder.conf); set up as the volume manager does."""
+        from cinder.volume import configuration, driver
+        from cinder.volume.drivers import lvm
+        if name in self.drivers:
+            return {"backend": name, "created": False}
+        conf = configuration.Configuration(driver.volume_opts, config_group=name)
+        conf.append_config_values(lvm.volume_opts)
+        for opts in (driver.iser_opts, driver.nvmeof_opts, driver.nvmet_opts):
+            conf.append_config_values(opts)
+        for key, value in dict(options, volume_backend_name=name).items():
+            self.conf.set_override(key, value, group=name)
+        drv = lvm.LVMVolumeDriver(configuration=conf, db=None, host=self._host(name))
+        drv.do_setup(self.ctxt)
+        drv.check_for_setup_error()
+        self.drivers[name] = drv
+        return {"backend": name, "created": True,
+                "target": type(drv.target_driver).__module__ + "."
+                + type(drv.target_driver).__name__}
+
+    def _host(self, backend: str) -> str:
+        return f"{os.uname().nodename}@{backend}"
+
+    # -- the volume life cycle -------------------------------------------------------------
+    def op_create_volume(self, backend: str, volume_id: str, size_gb: int) -> dict:
+        from cinder import objects
+        volume = objects.Volume(
+            context=self.ctxt, id=volume_id, size=size_gb, status="creating",
+            host=f"{self._host(backend)}#{backend}", volume_type_id=None, multiattach=False,
+            encryption_key_id=None, provider_location=None, provider_auth=None,
+            admin_metadata={}, volume_attachment=objects.VolumeAttachmentList(objects=[]))
+        update = self.drivers[backend].create_volume(volume)
+        volume.update(update or {})
+        volume.status = "available"
+        self.volumes[volume_id] = (backend, volume)
+        return {"name": volume.name, "size": volume.size}
+
+    def op_attach(self, volume_id: str, connector: dict, instance: str) -> dict:
+        """The volume manager's ``_connection_create``: validate_connector, create_export
+        (its model update kept on the object), initialize_connection, then the manager's own
+        ``_parse_connection_options``; returns the connection info Cinder's attachments API
+        gives Nova (flattened, with ``driver_volume_type`` and ``attachment_id``)."""
+        import uuid as uuidlib
+
+        from cinder import objects
+        from cinder.volume import manager
+        backend, volume = self.volumes[volume_id]
+        drv = self.drivers[backend]
+        drv.validate_connector(connector)
+        update = drv.create_export(self.ctxt, volume, connector)
+        volume.update(update or {})
+        conn_info = drv.initialize_connection(volume, connector)
+        conn_info = manager.VolumeManager._parse_connection_options(
+            _ManagerView(drv), self.ctxt, volume, conn_info)
+        attachment = objects.VolumeAttachment(
+            context=self.ctxt, id=str(uuidlib.uuid4()), volume_id=volume_id,
+            instance_uuid=instance, connector=connector, attach_status="attached")
+        volume.volume_attachment.objects.append(attachment)
+        volume.status = "in-use"
+        data = conn_info.pop("data", {})
+        info = dict(data, **conn_info)
+        info["attachment_id"] = attachment.id
+        info["enforce_multipath"] = connector.get("enforce_multipath", False)
+        return {"connection_info": info, "provider_location": volume.provider_location}
+
+    def op_extend_volume(self, volume_id: str, new_size_gb: int) -> dict:
+        backend, volume = self.volumes[volume_id]
+        self.drivers[backend].extend_volume(volume, new_size_gb)
+        volume.size = new_size_gb
+        return {"size": volume.size}
+
+    def op_detach(self, volume_id: str, attachment_id: str) -> dict:
+        """The manager's ``attachment_delete``: terminate_connection with the attachment's
+        connector, then remove_export unless the connection is shared.  Unlike the manager,
+        a failing remove_export is not swallowed: the job wants to see it."""
+        backend, volume = self.volumes[volume_id]
+        drv = self.drivers[backend]
+        attachments = volume.volume_attachment.objects
+        attachment = next(a for a in attachments if a.id == attachment_id)
+        shared = drv.terminate_connection(volume, attachment.connector, force=False)
+        if shared is not None and not shared:
+            drv.remove_export(self.ctxt.elevated(), volume)
+        attachments.remove(attachment)
+        volume.status = "in-use" if attachments else "available"
+        return {"shared_connection": shared}
+
+    def op_delete_volume(self, volume_id: str) -> dict:
+        backend, volume = self.volumes.pop(volume_id)
+        self.drivers[backend].delete_volume(volume)
+        return {"deleted": volume.name}
+
+    def op_forget_all(self) -> list:
+        """After a failed test: detach and delete every volume still known (best effort)."""
+        done = []
+        for volume_id in list(self.volumes):
+            backend, volume = self.volumes[volume_id]
+            for attachment in list(volume.volume_attachment.objects):
+                try:
+                    self.op_detach(volume_id, attachment.id)
+                except Exception as exc:       # report, go on cleaning
+                    done.append(f"detach {volume_id}: {exc}")
+            try:
+                self.drivers[backend].remove_export(self.ctxt, volume)
+                self.op_delete_volume(volume_id)
+                done.append(f"deleted {volume_id}")
+            except Exception as exc:
+                self.volumes.pop(volume_id, None)
+                done.append(f"delete {volume_id}: {exc}")
+        return done
+
+    # -- what is left ------------------------------------------------------------------------
+    def op_state(self, vg: str) -> dict:
+        """LVs of ``vg``, nvmet subsystems (with namespaces) and ports (with addresses)."""
+        lvs = _sh("lvs", "--noheadings", "-o", "lv_name", vg).split()
+        subsystems = {s.name: sorted(n.name for n in (s / "namespaces").iterdir())
+                      for s in (NVMET / "subsystems").iterdir()}
+        ports = {}
+        for port in (NVMET / "ports").iterdir():
+            attr = {a: (port / f"addr_{a}").read_text().strip()
+                    for a in ("trtype", "traddr", "trsvcid")}
+            ports[port.name] = dict(attr, subsystems=sorted(
+                p.name for p in (port / "subsystems").iterdir()))
+        return {"lvs": lvs, "subsystems": subsystems, "ports": ports}
+
+
+class _ManagerView:
+    """What ``VolumeManager._parse_connection_options`` uses of its manager: the driver and
+    the block-size helper (both Cinder's own code)."""
+
+    def __init__(self, driver):
+        self.driver = driver
+
+    def _set_connection_block_size(self, conn_info):
+        from cinder.volume import manager
+        return manager.VolumeManager._set_connection_block_size(self, conn_info)
+
+
+def serve(requests, replies) -> int:
+    """Answer JSON requests, one a line, until end of input."""
+    backends = None
+    for line in requests:
+        try:
+            req = json.loads(line)
+            if backends is None:
+                backends = Backends()
+            op = getattr(backends, "op_" + req["op"], None)
+            if op is None:
+                raise ValueError(f"unknown op {req['op']!r}")
+            reply = {"ok": True, "result": op(**req.get("kwargs", {}))}
+        except Exception as exc:   # the client raises it; the worker goes on serving
+            import traceback
+            traceback.print_exc()
+            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        replies.write(json.dumps(reply, default=str) + "\n")
+        replies.flush()
+    return 0
+
+
+def main() -> int:
+    # replies on the original stdout; anything Cinder or a library prints goes to stderr
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    return serve(sys.stdin, replies)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

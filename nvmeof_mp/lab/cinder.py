@@ -128,6 +128,13 @@ _WORKER = None
 _WORKER_LOCK = threading.Lock()
 
 
+def request(op: str, **kwargs):
+    """``op`` of the worker; ``start`` only starts it (its imports then overlap whatever the
+    caller does next: under TCG they take a minute and more)."""
+    w = worker()
+    return True if op == "start" else w.call(op, **kwargs)
+
+
 def worker() -> Worker:
     """The worker of this VM, started on first use (Cinder's imports take seconds)."""
     global _WORKER
@@ -148,7 +155,9 @@ NVMET = Path("/sys/kernel/config/nvmet")
 
 
 def _sh(*argv) -> str:
-    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    # stdin not inherited: it is the worker's request pipe
+    return subprocess.run(argv, check=True, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL).stdout
 
 
 class Backends:
@@ -220,7 +229,7 @@ class Backends:
     def op_create_volume(self, backend: str, volume_id: str, size_gb: int) -> dict:
         from cinder import objects
         volume = objects.Volume(
-            context=self.ctxt, id=volume_id, size=size_gb, status="creating",
+            context=self.ctxt, id=volume_id, _name_id=None, size=size_gb, status="creating",
             host=f"{self._host(backend)}#{backend}", volume_type_id=None, multiattach=False,
             encryption_key_id=None, provider_location=None, provider_auth=None,
             admin_metadata={}, volume_attachment=objects.VolumeAttachmentList(objects=[]))
@@ -331,13 +340,18 @@ class _ManagerView:
 
 
 def serve(requests, replies) -> int:
-    """Answer JSON requests, one a line, until end of input."""
-    backends = None
+    """Set Cinder up at once, then answer JSON requests, one a line, until end of input."""
+    try:
+        backends, failed = Backends(), None
+    except Exception as exc:   # every request gets the reason
+        import traceback
+        traceback.print_exc()
+        backends, failed = None, f"Cinder set-up failed: {type(exc).__name__}: {exc}"
     for line in requests:
         try:
             req = json.loads(line)
-            if backends is None:
-                backends = Backends()
+            if failed:
+                raise RuntimeError(failed)
             op = getattr(backends, "op_" + req["op"], None)
             if op is None:
                 raise ValueError(f"unknown op {req['op']!r}")

@@ -278,7 +278,7 @@ class Target:
     def cinder(self, op: str, **kwargs):
         """``op`` of the Cinder worker (:mod:`.cinder`), started as root on first use."""
         from . import cinder
-        return cinder.worker().call(op, **kwargs)
+        return cinder.request(op, **kwargs)
 
     # -- inspection / cleanup ---------------------------------------------------------------
     def state(self) -> dict:

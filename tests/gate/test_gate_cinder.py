@@ -107,7 +107,10 @@ def nova():
         initiator.NVME, root_helper(), use_multipath=True, device_scan_attempts=5,
         enforce_multipath=False)
     assert isinstance(conn, osbrick.NVMeOFConnector)
-    props = osbrick.NVMeOFConnector.get_connector_properties(
+    # the library's own properties: os-brick's generic keys (host, ip, multipath, ..) and its
+    # NVMe-oF keys; os-brick's top-level function would also ask its iSCSI, RBD, .. classes
+    from nvmeof_mp.connector import NVMeOFConnector
+    props = NVMeOFConnector.get_connector_properties(
         root_helper(), multipath=True, enforce_multipath=False, host=socket.gethostname())
     return conn, json.loads(json.dumps(props))
 
@@ -122,8 +125,9 @@ def nova_connection_info(attachment_info):
 
 
 def shapes(info):
-    """Key -> type name of the data Cinder sent, for the record (what surprised whom)."""
-    return {k: type(v).__name__ for k, v in sorted(info["data"].items())}
+    """The data Cinder sent as Nova hands it over (no secrets in LVM's), for the record of
+    what the connector is given: key order, values and their types."""
+    return {k: "%r" % (v,) for k, v in info["data"].items() if k != "device_path"}
 
 
 def attach(cinder, nova, volume_id):

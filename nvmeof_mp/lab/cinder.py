@@ -152,6 +152,10 @@ def worker() -> Worker:
 
 STATE_DIR = "/run/nvmeof-lab/cinder"
 NVMET = Path("/sys/kernel/config/nvmet")
+LVM_CONF = """devices {
+    global_filter = [ "a|^/dev/loop[0-9]+$|", "r|.*|" ]
+}
+"""
 
 
 def _sh(*argv) -> str:
@@ -177,6 +181,13 @@ class Backends:
         from cinder.volume import configuration
         self.state_dir = state_dir
         os.makedirs(state_dir, exist_ok=True)
+        # LVM sees only the loop devices, as devstack's lvm.conf filter does on a host that
+        # is its own initiator: no scan of the attached NVMe namespaces (paths come and go)
+        conf_dir = os.path.join(state_dir, "lvm")
+        os.makedirs(conf_dir, exist_ok=True)
+        with open(os.path.join(conf_dir, "lvm.conf"), "w") as f:
+            f.write(LVM_CONF)
+        os.environ["LVM_SYSTEM_DIR"] = conf_dir
         self.conf = configuration.CONF
         self.conf([], project="cinder", default_config_files=[])
         lockutils.set_defaults(os.path.join(state_dir, "locks"))

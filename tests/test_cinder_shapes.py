@@ -172,14 +172,16 @@ def _lvm_nvmet_v2(shared):
                  "ns_id": nsid}, **MANAGER_KEYS)
 
 
-def _lvm_nvmet_v1():
-    return dict({"target_portal": "127.0.0.1", "target_port": str(LAB_PORT),
-                 "nqn": CINDER_NQNS[2], "transport_type": "tcp", "ns_id": "10"},
-                **MANAGER_KEYS)
+def _lvm_nvmet_v1(shared):
+    port, nsid = (LAB_PORT, 10) if shared else (str(LAB_PORT), "10")
+    nqn = "nqn.iqn.2010-10.org.openstack:-" + ("compute-1" if shared else VOL)
+    return dict({"target_portal": "127.0.0.1", "target_port": port, "nqn": nqn,
+                 "transport_type": "tcp", "ns_id": nsid}, **MANAGER_KEYS)
 
 
-@pytest.mark.parametrize("data", [_lvm_nvmet_v2(False), _lvm_nvmet_v2(True), _lvm_nvmet_v1()],
-                         ids=["v2", "v2-shared", "v1"])
+@pytest.mark.parametrize("data", [_lvm_nvmet_v2(False), _lvm_nvmet_v2(True),
+                                  _lvm_nvmet_v1(False), _lvm_nvmet_v1(True)],
+                         ids=["v2", "v2-shared", "v1", "v1-shared"])
 def test_cinder_lvm_nvmet_connection_info_through_nova_calls(lab, data):
     from nvmeof_mp.sim import SimNamespace
     nqn = data.get("target_nqn") or data["nqn"]

@@ -144,8 +144,11 @@ def pytest_configure(config):
                             "(forked privsep daemon)")
     if IN_LAB and os.environ.get("NVMEOF_MP_CINDER_PYTHON") and cinder_selected(config):
         # Cinder's imports take a minute and more under TCG: overlap them with collection
-        from nvmeof_mp.lab.target import TargetClient
-        TargetClient().cinder("start")
+        from nvmeof_mp.lab.target import TargetClient, TargetError
+        try:
+            TargetClient().cinder("start")
+        except (OSError, TargetError) as exc:     # the cinder tests fail with it, not the gate
+            print("gate: the Cinder worker did not start: %s" % exc)
     config.addinivalue_line("markers", "cinder: the Cinder LVM-NVMeoF job (Cinder's LVM driver "
                             "and nvmet target helper; nvmeof-mp lab cinder)")
     config.addinivalue_line("markers", "smoke: the sample run on every kernel (SMOKE_TESTS)")

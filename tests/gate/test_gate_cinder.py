@@ -3,7 +3,7 @@ info, Nova's call path attaches it through os-brick's factory (issue 16; see
 doc/source/cinder-lvm.rst).
 
 Cinder 29.0.0 runs for real in its own virtualenv, as root, in a worker the root target agent
-starts (``nvmeof_mp.lab.cinder``): ``LVMVolumeDriver`` over a volume group on a loop device,
+starts (``nvmeof_mp.lab.cinder_worker``): ``LVMVolumeDriver`` over a volume group on a loop device,
 ``target_helper = nvmet``, volumes as ``cinder.objects.Volume`` without a database.  This
 process is Nova's side: ``InitiatorConnector.factory(NVME, ...)`` as nova 34.0.0's
 ``LibvirtNVMEVolumeDriver`` builds it (our connector plugged in by ``nvmeof_mp.osbrick``),

@@ -80,11 +80,8 @@ def cinder():
 def backend(cinder, target):
     """Make a backend on request; after the test: every volume detached and deleted through
     Cinder (after a failure), then nothing of Cinder's on the target."""
-    made = []
-
     def make(name, options):
         cinder.backend(name=name, options=options)
-        made.append(name)
         return name
     yield make
     left = cinder.forget_all()
@@ -98,7 +95,7 @@ def backend(cinder, target):
 @pytest.fixture(scope="module")
 def nova():
     """os-brick's connector as Nova's LibvirtNVMEVolumeDriver makes it, and the connector
-    properties Nova sends Cinder (this library's, through its os-brick class)."""
+    properties sent to Cinder (the library's own ``get_connector_properties``)."""
     from os_brick import initiator
     from os_brick.initiator import connector
 

@@ -153,3 +153,46 @@ def test_the_daemon_acts_only_on_fabrics_controllers(controllers):
     assert nvme.fabrics_controller("nvme1") == "nvme1"
     assert nvme._write_attr("nvme2", "ctrl_loss_tmo", -1) is None
     assert (controllers / "nvme2" / "ctrl_loss_tmo").read_text() == "-1"
+
+
+# ---- the connection info Cinder 29.0.0's LVM driver + nvmet helper really sent in the lab
+# (tests/gate/test_gate_cinder.py, recorded in gate-metrics.txt), with the keys the volume
+# manager adds and the ``device_path`` Nova's LibvirtNVMEVolumeDriver puts in after attach
+
+LAB_PORT = 4430
+MANAGER_KEYS = {"qos_specs": None, "access_mode": "rw", "encrypted": False,
+                "enforce_multipath": False}
+
+
+def _lvm_nvmet_v2(shared):
+    port, nsid = (LAB_PORT, 10) if shared else (str(LAB_PORT), "10")   # config vs location
+    nqn = "nqn.nvme-subsystem-1-" + ("compute-1" if shared else VOL)
+    return dict({"target_nqn": nqn, "vol_uuid": VOL,
+                 "portals": [["127.0.0.1", port, "tcp"], ["127.0.0.2", port, "tcp"]],
+                 "ns_id": nsid}, **MANAGER_KEYS)
+
+
+def _lvm_nvmet_v1(shared):
+    port, nsid = (LAB_PORT, 10) if shared else (str(LAB_PORT), "10")
+    nqn = "nqn.iqn.2010-10.org.openstack:-" + ("compute-1" if shared else VOL)
+    return dict({"target_portal": "127.0.0.1", "target_port": port, "nqn": nqn,
+                 "transport_type": "tcp", "ns_id": nsid}, **MANAGER_KEYS)
+
+
+@pytest.mark.parametrize("data", [_lvm_nvmet_v2(False), _lvm_nvmet_v2(True),
+                                  _lvm_nvmet_v1(False), _lvm_nvmet_v1(True)],
+                         ids=["v2", "v2-shared", "v1", "v1-shared"])
+def test_cinder_lvm_nvmet_connection_info_through_nova_calls(lab, data):
+    from nvmeof_mp.sim import SimNamespace
+    nqn = data.get("target_nqn") or data["nqn"]
+    lab.sim.add_target(nqn, [("127.0.0.1", LAB_PORT), ("127.0.0.2", LAB_PORT)],
+                       [SimNamespace(10, VOL)])
+    data = dict(data)
+    result = lab.connector.connect_volume(data)
+    data["device_path"] = result["path"]          # as LibvirtNVMEVolumeDriver.connect_volume
+    portals = len(data.get("portals", [None]))
+    assert lab.sim.calls["connect"] == portals
+    lab.sim.targets[nqn].namespaces[0].size_sectors *= 2
+    assert lab.connector.extend_volume(data) == 131072 * 2 * 512
+    lab.connector.disconnect_volume(data, None, force=False)
+    assert lab.sim.controllers(nqn) == []

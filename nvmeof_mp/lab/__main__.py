@@ -10,6 +10,8 @@ Host commands:
                                 VM as the lab user, then the root_too tests as root;
                                 --kernel 6.1,6.12 runs it on each kernel, --smoke only
                                 the smoke tests
+  cinder [--passes P] [-- ARGS] the gate's Cinder LVM-NVMeoF tests (-m cinder) on kernels
+                                6.1 and 6.12; builds the Cinder venv first
 Every VM command takes --kernel 5.10|6.1|6.12|7.2 (Debian's kernel of that version,
 default 6.1).
   bench [--runs N] [--only ..]  attach performance against os-brick in the VM
@@ -139,17 +141,20 @@ def cmd_gate(args) -> int:
     runs = gate_runs(args)
     for version in dict.fromkeys(run[0] for run in runs):
         vm.prepare(version=version)
-    lanes = args.lanes or (gate.CI_LANES if args.matrix else 1)
+    lanes = getattr(args, "lanes", 0) or (gate.CI_LANES if args.matrix else 1)
     extra = [a for a in args.pytest_args if a != "--"]
     echo = not args.quiet and lanes == 1
+    guest_env = {"PYTHONDONTWRITEBYTECODE": "1", **_cinder_env()}
+    only = getattr(args, "only", None)
 
     def start_vm(run):
         version, mp, smoke, passes = run
+        narrow = "smoke" if smoke else only
         cmd = _guest_module_argv("_guest-gate", "--passes", ",".join(passes),
-                                 *(["--only", "smoke"] if smoke else []), "--", *extra)
+                                 *(["--only", narrow] if narrow else []), "--", *extra)
         kwargs = dict(_vm_kwargs(args), modprobe_options={"nvme_core": f"multipath={mp}"},
                       kernel_version=version, echo=echo)
-        kwargs["env"] = {"PYTHONDONTWRITEBYTECODE": "1"}
+        kwargs["env"] = guest_env
         result = vm.run_in_vm(cmd, **kwargs)
         rc = _report(result, t0)
         gate.report_files(result.out_dir, echo=True)
@@ -185,6 +190,30 @@ def cmd_coverage(args) -> int:
     if args.write:
         print(f"lab: coverage table written to {args.write}")
     return 1 if failed else 0
+
+
+def _cinder_env() -> dict:
+    """The Cinder venv for the gate's ``cinder`` tests, built if missing; they skip with the
+    reason when it cannot be built (no network)."""
+    import subprocess
+
+    from . import cinder
+    try:
+        cinder.ensure_venv()
+    except (LabError, OSError, subprocess.CalledProcessError) as exc:
+        print(f"lab: no Cinder venv ({exc}); the cinder tests will skip", file=sys.stderr)
+    return cinder.guest_env()
+
+
+#: ``nvmeof-mp lab cinder``: the kernels of the Cinder LVM-NVMeoF job
+CINDER_KERNELS = "6.1,6.12"
+
+
+def cmd_cinder(args) -> int:
+    """The Cinder LVM-NVMeoF job: the gate narrowed to ``-m cinder``, on 6.1 and 6.12."""
+    args.kernel = args.kernel or CINDER_KERNELS
+    args.only, args.matrix, args.smoke = "cinder", False, False
+    return cmd_gate(args)
 
 
 OS_BRICK = "os-brick==7.1.1"     # the release measured in shared kernel facts
@@ -284,6 +313,11 @@ def parser() -> argparse.ArgumentParser:
                    "--nvme-multipath, --smoke and --passes")
     p.add_argument("--lanes", type=int, default=0,
                    help="VMs at once (default: %d with --matrix, else 1)" % 2)
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    p.set_defaults(timeout=2400)
+    p = vm_command("cinder", cmd_cinder, "the Cinder LVM-NVMeoF job (gate -m cinder, 6.1+6.12)")
+    p.add_argument("--passes", choices=("both", "user", "root"), default="both",
+                   help="as the lab user via the root helper, as root without one, or both")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER)
     p.set_defaults(timeout=2400)
 

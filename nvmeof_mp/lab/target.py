@@ -284,6 +284,12 @@ class Target:
         """Every dm map: name -> {"uuid": .., "table": ..}."""
         return dm_tables()
 
+    # -- Cinder's LVM driver beside the target (tests/gate/test_gate_cinder.py) ------------
+    def cinder(self, op: str, **kwargs):
+        """``op`` of the Cinder worker (:mod:`.cinder`), started as root on first use."""
+        from . import cinder
+        return cinder.request(op, **kwargs)
+
     # -- inspection / cleanup ---------------------------------------------------------------
     def state(self) -> dict:
         """Snapshot: ports with linked subsystems and ANA states, subsystems with namespaces."""
@@ -586,7 +592,7 @@ AGENT_OPS = ("add_subsystem", "allow_host", "set_host_keys", "auth_supported", "
              "umount_scratch", "hold_exclusive", "release_exclusive", "clear_registry",
              "rdma", "drop_port", "undrop_ports", "stop_subsystem", "start_subsystem",
              "start_multipathd", "stop_multipathd", "multipathd_show", "dm_tables",
-             "dm_status")
+             "dm_status", "cinder")
 
 
 class TargetAgent:

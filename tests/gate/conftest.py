@@ -125,11 +125,28 @@ def kernel_version(release=None) -> tuple:
     return int(major), int(minor.split("-")[0])
 
 
+def cinder_selected(config) -> bool:
+    """Can this run select the ``cinder`` tests (not a smoke run, no -k naming others)?"""
+    marks = config.getoption("markexpr") or ""
+    keyword = config.getoption("keyword") or ""
+    return ("smoke" not in marks and "not cinder" not in marks
+            and (not keyword or "cinder" in keyword))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "native: needs nvme_core multipath=Y")
     config.addinivalue_line("markers", "no_native: needs nvme_core multipath=N")
     config.addinivalue_line("markers", "root_too: also runs as root without a root helper "
                             "(forked privsep daemon)")
+    if IN_LAB and os.environ.get("NVMEOF_MP_CINDER_PYTHON") and cinder_selected(config):
+        # Cinder's imports take a minute and more under TCG: overlap them with collection
+        from nvmeof_mp.lab.target import TargetClient, TargetError
+        try:
+            TargetClient().cinder("start")
+        except (OSError, TargetError) as exc:     # the cinder tests fail with it, not the gate
+            print("gate: the Cinder worker did not start: %s" % exc)
+    config.addinivalue_line("markers", "cinder: the Cinder LVM-NVMeoF job (Cinder's LVM driver "
+                            "and nvmet target helper; nvmeof-mp lab cinder)")
     config.addinivalue_line("markers", "smoke: the sample run on every kernel (SMOKE_TESTS)")
     config.addinivalue_line("markers", "bookkeeping: the library's own bookkeeping "
                             "(BOOKKEEPING_MODULES)")

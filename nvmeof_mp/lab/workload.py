@@ -65,6 +65,17 @@ class Writer(threading.Thread):
         self.join(120)
 
 
+def write_for(device, seconds=1.0, blocks=64):
+    """Write patterns to ``device`` for ``seconds``; every write must work.  Returns what each
+    block holds (for ``verify``)."""
+    w = Writer(device, blocks=blocks)
+    w.start()
+    time.sleep(seconds)
+    w.stop()
+    assert not w.errors and w.ops > 0, w.errors[:5]
+    return w.expected
+
+
 def verify(device, expected):
     """Read every written block back with direct I/O; returns the list of mismatches."""
     buf = mmap.mmap(-1, BLOCK)

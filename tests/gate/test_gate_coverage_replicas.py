@@ -16,14 +16,13 @@ agent), not only the connector's own return.
 
 import os
 import re
-import time
 
 import pytest
 from test_gate import (NQN, STALL_LIMIT, U1, U2, UTOP, controllers, portal, replicas,
                        stall_under_failure)
 
 from nvmeof_mp.exception import ReplicaError
-from nvmeof_mp.lab.workload import Writer, verify, wait_for
+from nvmeof_mp.lab.workload import verify, wait_for, write_for
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
@@ -59,14 +58,6 @@ def dm_slaves(path):
     return sorted(os.listdir("/sys/block/%s/slaves" % block_name(path)))
 
 
-def write_some(device, seconds=1.0):
-    w = Writer(device, blocks=64)
-    w.start()
-    time.sleep(seconds)
-    w.stop()
-    assert not w.errors and w.ops > 0, w.errors[:5]
-    return w.expected
-
 
 def grow_both(target, size_mb=96):
     for nqn in (NQA, NQB):
@@ -85,7 +76,7 @@ def verdicts(connector, info):
 def test_cover_raid_degraded_attach_extend_heal(connector, target):
     raid = {"volume_replicas": replicas(target), "alias": "covraid"}
     first = connector.connect_volume(raid)
-    written = write_some(first["path"])
+    written = write_for(first["path"])
     connector.disconnect_volume(raid, first)              # both legs carry the superblock
     target.unlink(2, NQB)                                 # replica B's target is down
 
@@ -105,7 +96,7 @@ def test_cover_raid_degraded_attach_extend_heal(connector, target):
     with pytest.raises(ReplicaError, match="degraded.*heal"):
         connector.extend_volume(raid)
     assert size_bytes(result["path"]) == before and sysfs(md, "md/degraded") == "1"
-    written.update(write_some(result["path"]))            # the array still takes writes
+    written.update(write_for(result["path"]))            # the array still takes writes
 
     target.link(2, NQB)
     report = connector.check_paths(raid)
@@ -132,13 +123,13 @@ def test_cover_dm_degraded_attach_extend_heal(connector, target):
     assert len(dm_slaves(result["path"])) == 1
     assert list(target.dm_status(UTOP).values()) == ["A"]
     assert verdicts(connector, dm) == {NQA: "healthy", NQB: "down"}
-    written = write_some(result["path"])
+    written = write_for(result["path"])
 
     grow_both(target)                                     # one backing file: both grow
     size = connector.extend_volume(dm)
     assert size == 96 * MIB and size_bytes(result["path"]) == size
     assert len(dm_slaves(result["path"])) == 1            # still one path: seen before the heal
-    written.update(write_some(result["path"]))
+    written.update(write_for(result["path"]))
 
     target.link(2, NQB)
     report = connector.check_paths(dm)

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from nvmeof_mp.exception import ReplicaError
-from nvmeof_mp.lab.workload import Writer, verify, wait_for
+from nvmeof_mp.lab.workload import verify, wait_for, write_for
 
 from test_gate import NQN, U1, U2, controllers, md_degraded, replicas
 
@@ -24,14 +24,6 @@ def connector():
     return NVMeOFConnector(root_helper=os.environ["NVMEOF_MP_ROOT_HELPER"],
                            use_multipath=True, policy=TimeoutPolicy(ctrl_loss_tmo=600))
 
-
-def write_some(device, seconds=1.0):
-    w = Writer(device, blocks=64)
-    w.start()
-    time.sleep(seconds)
-    w.stop()
-    assert not w.errors and w.ops > 0, w.errors[:5]
-    return w.expected
 
 
 def superblock(leg):
@@ -53,7 +45,7 @@ def test_raid_safety_data_leg_absent_with_a_blank_replacement(connector, target)
     first = connector.connect_volume(raid)
     uuid, name = superblock(first["replicas"][0]["device"])
     assert uuid[:8] == b"nvmeofmp" and name.rsplit(":", 1)[-1] == "safevol"   # the marker
-    written = write_some(first["path"])
+    written = write_for(first["path"])
     connector.disconnect_volume(raid, first)
     target.remove_namespace(NQB, 1)                       # replica B re-made: blank
     target.add_namespace(NQB, 1, 64, U2)
@@ -79,9 +71,9 @@ def test_raid_safety_stale_leg_returns_after_writes(connector, target):
     assert result["path"] == "/dev/md/" + md_name("volume-" + U1)
     assert superblock(result["replicas"][1]["device"])[1].rsplit(":", 1)[-1] == \
         md_name("volume-" + U1)
-    write_some(result["path"], 0.5)
+    write_for(result["path"], 0.5)
     target.unlink(2, NQB)
-    later = write_some(result["path"])                    # B misses these (failfast)
+    later = write_for(result["path"])                    # B misses these (failfast)
     assert wait_for(lambda: md_degraded(result["path"]) == 1, 30)
     target.link(2, NQB)
     assert wait_for(lambda: set(controllers().values()) == {"live"}, 30)
@@ -104,7 +96,7 @@ def test_raid_safety_kumoscale_single_replica_is_the_namespace(connector, target
     assert result["path"].startswith("/dev/nvme")
     assert not any(d.startswith("md") for d in os.listdir("/sys/block"))
     assert connector.get_volume_paths(info) == [result["path"]]
-    assert verify(result["path"], write_some(result["path"], 0.3)) == []
+    assert verify(result["path"], write_for(result["path"], 0.3)) == []
     connector.disconnect_volume(info, result)
     assert controllers() == {}
 
@@ -117,16 +109,16 @@ def test_raid_safety_leg_ahead_of_the_array_is_left_out(connector, target):
     leg is left out and reported, and nothing adds it over."""
     raid = {"volume_replicas": replicas(target), "alias": "safevol3"}
     first = connector.connect_volume(raid)
-    write_some(first["path"], 0.3)
+    write_for(first["path"], 0.3)
     target.unlink(1, NQN + "-a")                          # A away, B takes writes
-    write_some(first["path"])
+    write_for(first["path"])
     assert wait_for(lambda: md_degraded(first["path"]) == 1, 30)
     connector.disconnect_volume(raid, first, force=True)
     target.link(1, NQN + "-a")
     target.unlink(2, NQB)                                 # now only the stale A comes
     alone = connector.connect_volume(raid)
     assert alone["degraded"]
-    on_a = write_some(alone["path"])
+    on_a = write_for(alone["path"])
     target.link(2, NQB)
     healed = connector.connect_volume(raid)               # B returns, ahead of the array
     record_b = healed["replicas"][1]

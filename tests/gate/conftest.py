@@ -42,7 +42,12 @@ SMOKE_MODULES = frozenset({"test_gate_auth.py"})
 #: kernel calls every other test makes: marked ``bookkeeping``, run in full on 6.1 (the CI
 #: matrix leaves them out on 6.12 to fit its time, see nvmeof_mp/lab/gate.py).
 BOOKKEEPING_MODULES = frozenset({"test_gate_registry.py", "test_gate_safety.py",
-                                 "test_gate_boundary.py", "test_gate_inuse.py"})
+                                 "test_gate_boundary.py", "test_gate_inuse.py",
+                                 "test_gate_coverage_entry.py"})
+#: Fault injection under I/O (minutes per VM), marked ``faults``: each fault runs on two
+#: modes per VM (single + RAID1 with multipath N, native + DM with Y), so CI runs it on one VM
+#: per setting (6.1 N and 6.12 Y) and every mode meets every fault once.
+FAULT_MODULES = frozenset({"test_gate_faults.py"})
 #: Known failures on a kernel: (tests, first kernel (major, minor) without it, reason).
 #: strict xfail, so the day the cause is fixed the XPASS fails and the entry goes.
 KERNEL_XFAILS = ()
@@ -108,6 +113,8 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.smoke)
             if module in BOOKKEEPING_MODULES:
                 item.add_marker(pytest.mark.bookkeeping)
+            if module in FAULT_MODULES:
+                item.add_marker(pytest.mark.faults)
             for names, fixed_in, reason in KERNEL_XFAILS:
                 if IN_LAB and item.originalname in names and kernel_version() < fixed_in:
                     item.add_marker(pytest.mark.xfail(reason=reason, strict=True))
@@ -148,6 +155,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cinder: the Cinder LVM-NVMeoF job (Cinder's LVM driver "
                             "and nvmet target helper; nvmeof-mp lab cinder)")
     config.addinivalue_line("markers", "smoke: the sample run on every kernel (SMOKE_TESTS)")
+    config.addinivalue_line("markers", "faults: fault injection under I/O (FAULT_MODULES)")
     config.addinivalue_line("markers", "bookkeeping: the library's own bookkeeping "
                             "(BOOKKEEPING_MODULES)")
     config.addinivalue_line("markers", "cover(scenario, mode='single', transport='tcp'): the "

@@ -162,8 +162,9 @@ def cmd_gate(args) -> int:
             gate.print_failures(result.out_dir)
         return rc, result.out_dir
 
-    def log(line):
-        print(line, file=sys.stderr, flush=True)
+    def log(line):      # one write per line: lanes log from several threads
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
 
     results = gate.run_all(runs, start_vm, lanes=lanes, log=log)
     print("lab: gate results " + ", ".join(f"{k}: rc={rc} ({s:.0f}s)"

@@ -117,3 +117,24 @@ def test_kernel_columns_from_releases():
     assert [coverage.short_kernel(r) for r in (
         "5.10.0-32-amd64", "6.1.0-56-amd64", "6.12.117+deb13-amd64", "7.2.13+deb14-amd64")
     ] == ["5.10", "6.1", "6.12", "7.2"]
+
+
+def test_the_gate_writer_writes_at_least_once_however_soon_it_is_stopped(tmp_path):
+    """An open that waits (md failing a leg) ended in "nothing written, nothing failed"
+    when stop() came first: the gate's write checks then failed on a working device."""
+    import os
+
+    import pytest
+
+    from nvmeof_mp.lab import workload
+    path = tmp_path / "dev"
+    path.write_bytes(b"\0" * workload.BLOCK * 4)
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_DIRECT))
+    except OSError:
+        pytest.skip("no O_DIRECT on this file system")
+    w = workload.Writer(str(path), blocks=4)
+    w._halt.set()                           # stopped before the thread ever ran
+    w.start()
+    w.stop()
+    assert (w.ops, w.errors) == (1, [])

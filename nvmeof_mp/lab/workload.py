@@ -41,8 +41,11 @@ class Writer(threading.Thread):
             self.errors.append("open %s: %s" % (self.device, e))
             return
         try:
-            seq = 0
-            while not self._halt.is_set():
+            seq, tried = 0, False
+            # at least one write, however soon stop() comes: an open that waited (md busy
+            # failing a leg) must not turn into "nothing written, nothing failed"
+            while not tried or not self._halt.is_set():
+                tried = True
                 block = seq % self.blocks
                 buf.seek(0)
                 buf.write(pattern(seq))

@@ -16,6 +16,7 @@ Kernel facts this encodes (nvmet, Linux 6.1):
 
 import json
 import os
+import shutil
 import re
 import socket
 import socketserver
@@ -433,6 +434,8 @@ def _multipathd(*args) -> str:
                           timeout=30).stdout
 
 
+MULTIPATH_WWIDS = "/etc/multipath/wwids"
+MULTIPATH_BINDINGS = "/etc/multipath/bindings"
 MULTIPATH_DROPIN = "/etc/multipath/conf.d/nvmeof-mp.conf"
 
 
@@ -469,9 +472,13 @@ def stop_multipathd():
     while time.monotonic() < end and subprocess.run(
             ["pidof", "multipathd"], capture_output=True).returncode == 0:
         time.sleep(0.2)
-    for conf in (MULTIPATH_CONF, MULTIPATH_DROPIN):
+    # the wwids a greedy multipathd recorded make udev's "multipath -u" mark the same
+    # namespaces as multipath paths in every later test, multipathd or not: the VM goes back
+    # to a host that never ran it
+    for conf in (MULTIPATH_CONF, MULTIPATH_DROPIN, MULTIPATH_WWIDS, MULTIPATH_BINDINGS):
         if os.path.exists(conf):
             os.unlink(conf)
+    shutil.rmtree("/run/multipath/find_multipaths", ignore_errors=True)
 
 
 def dm_tables():

@@ -25,6 +25,7 @@ import shutil
 import threading
 
 from nvmeof_mp.kernel import Kernel
+from nvmeof_mp.hostinfo import FAST_IO_FAIL_SINCE, release_tuple
 from nvmeof_mp.sim.files import unlink as _unlink, write as _write
 from nvmeof_mp.sim.inuse import SimInUse, SimMultipathd
 from nvmeof_mp.sim.storage import SimStorage
@@ -109,11 +110,6 @@ class SimController:
     namespaces: dict = dataclasses.field(default_factory=dict)   # nsid -> device name
     hostid: str = HOST_ID
     outages: int = 0            # counts path losses: a reconnect ends the loss timer
-
-
-def _release(text):
-    major, minor = text.split(".")[:2]
-    return int(major), int(minor.split("-")[0])
 
 
 class SimHost(SimStorage, SimInUse, SimMultipathd, Kernel):
@@ -262,7 +258,8 @@ class SimHost(SimStorage, SimInUse, SimMultipathd, Kernel):
             hostnqn = opts.get("host_nqn") or HOST_NQN
             hostid = opts.get("host_id") or HOST_ID
             clash = self._host_clash(hostnqn, hostid)
-            if clash or ("fast_io_fail_tmo" in opts and _release(self.kernel_release) < (5, 11)):
+            too_old = release_tuple(self.kernel_release) < FAST_IO_FAIL_SINCE
+            if clash or ("fast_io_fail_tmo" in opts and too_old):
                 return {"error": "Failed to write to /dev/nvme-fabrics: Invalid argument",
                         "errno": errnolib.EINVAL, "already": False}
             for c in self.ctrls.values():

@@ -128,8 +128,8 @@ def pytest_collection_modifyitems(config, items):
 
 def kernel_version(release=None) -> tuple:
     """(major, minor) of the running kernel: ``5.10.0-32-amd64`` -> (5, 10)."""
-    major, minor = (release or os.uname().release).split(".")[:2]
-    return int(major), int(minor.split("-")[0])
+    from nvmeof_mp.hostinfo import release_tuple
+    return release_tuple(release or os.uname().release)
 
 
 def cinder_selected(config) -> bool:

@@ -30,8 +30,8 @@ MODE_NAMES = {"single": "single path", "native": "native NVMe multipath",
 
 def short_kernel(release: str) -> str:
     """``6.1.0-56-amd64`` -> ``6.1``; ``6.12.117+deb13-amd64`` -> ``6.12``."""
-    major, minor = release.split(".")[:2]
-    return f"{major}.{minor.split('-')[0].split('+')[0]}"
+    from nvmeof_mp.hostinfo import release_tuple
+    return "%d.%d" % release_tuple(release)
 
 
 def load(run_dirs) -> list:

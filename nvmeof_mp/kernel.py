@@ -137,8 +137,12 @@ class Kernel(abc.ABC):
 
     @abc.abstractmethod
     def md_assemble(self, name, devices) -> dict:
-        """Assemble or adopt /dev/md/<name> from ``devices`` (legs carrying its superblock)
-        and re-add those not in it; ``left_out``: [(leg, why)] md refused to re-add."""
+        """Assemble or adopt /dev/md/<name> from ``devices`` (legs carrying its superblock);
+        ``members``: the given legs the running array holds."""
+
+    @abc.abstractmethod
+    def md_re_add(self, name, device) -> dict:
+        """``--re-add`` a leg of this array (the caller judged it merely behind)."""
 
     @abc.abstractmethod
     def md_add(self, name, device) -> dict:
@@ -268,6 +272,9 @@ class PrivilegedKernel(Kernel):
 
     def md_assemble(self, name, devices):
         return self._storage("md_assemble", name, list(devices))
+
+    def md_re_add(self, name, device):
+        return self._storage("md_re_add", name, device)
 
     def md_add(self, name, device):
         return self._storage("md_add", name, device)

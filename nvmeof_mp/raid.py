@@ -16,7 +16,7 @@ import os
 
 from oslo_log import log as logging
 
-from nvmeof_mp import replicas
+from nvmeof_mp import mdplan, replicas
 from nvmeof_mp.exception import ReplicaError
 from nvmeof_mp.locks import named_lock
 from nvmeof_mp.plan import find_namespace
@@ -111,8 +111,8 @@ def connect(connector, request, pending=None):
     started, left_out, readded = [], [], []
     try:
         with named_lock("md-" + name, connector.lock_path):
-            decided = plan(name, request.replica_count,
-                           [(leg, kernel.md_examine(leg)) for leg in legs])
+            examined = {leg: kernel.md_examine(leg) for leg in legs}
+            decided = plan(name, request.replica_count, list(examined.items()))
             left_out += decided.left_out
             if decided.action == "refuse":
                 raise ReplicaError(reason="%s: %s" % (request.describe(), decided.reason))
@@ -124,10 +124,20 @@ def connect(connector, request, pending=None):
                                                      request.replica_count), "mdadm --create")
             else:
                 started.append("assemble")
-                result = replicas.require_ok(kernel.md_assemble(name, decided.members),
+                legs_of = {d: examined[d] for d in decided.members}
+                start = list(legs_of) if existed else mdplan.assemble_from(legs_of)
+                result = replicas.require_ok(kernel.md_assemble(name, start),
                                              "mdadm --assemble")
-                left_out += [tuple(x) for x in result.get("left_out") or ()]
-                readded += result.get("readded") or []
+                held = result.get("members") or []
+                running = {d: kernel.md_examine(d) for d in held}
+                re_add, refused = mdplan.returning_legs(held, running, legs_of)
+                left_out += refused
+                for leg in re_add:
+                    done = kernel.md_re_add(name, leg)
+                    if done.get("ok"):
+                        readded.append(leg)
+                    else:
+                        left_out.append((leg, done.get("error")))
                 for leg in decided.add:
                     added = kernel.md_add(name, leg)
                     if not added.get("ok"):

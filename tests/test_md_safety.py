@@ -196,6 +196,27 @@ def test_a_leg_ahead_of_the_array_is_left_out_not_overwritten(two):
     assert _sb(two, NQB) == b_before and two.sim.calls.get("md_add", 0) == 0
 
 
+def test_a_leg_with_a_split_history_but_a_lower_event_count_is_left_out(two):
+    """The defect the gate saw on 6.12: B ran without A (and took writes), then A ran alone
+    and updated its superblock more often.  B's event count is below the array's, but its
+    own superblock records A missing: split history, never re-added over B's writes."""
+    two.connector.connect_volume(raid_info())
+    two.sim.md_fail("vol1", _dev(two, NQA))                     # A away, B takes writes
+    two.sim.md_write("vol1")
+    two.connector.disconnect_volume(raid_info())
+    two.sim.portal(NQB, 4421).mode = "refuse"                   # only A comes back
+    assert two.connector.connect_volume(raid_info())["degraded"]
+    for _ in range(5):
+        two.sim.md_write("vol1")                                # A takes other writes
+    b_before = dict(_sb(two, NQB))
+    assert b_before["events"] < two.sim.md["vol1"]["events"]    # not "ahead" by count
+    two.sim.portal(NQB, 4421).mode = "up"
+    result = two.connector.connect_volume(raid_info())
+    assert result["degraded"] and "split history" in result["replicas"][1]["error"]
+    assert list(two.sim.md["vol1"]["legs"]) == [_dev(two, NQA)]
+    assert _sb(two, NQB) == b_before
+
+
 # -- what Cinder's KumoScale driver sends ------------------------------------------------------
 
 KUMO_ALIAS = "volume-" + UUID                       # 43 characters
@@ -341,7 +362,7 @@ def test_daemon_stop_and_grow_act_on_marked_and_legacy_arrays(daemon):
     assert [a[1] for a in daemon.acted()] == ["--grow", "--stop", "--stop"]
 
 
-def test_daemon_assemble_re_adds_only_legs_of_the_array_and_never_adds(daemon):
+def test_daemon_assemble_never_adds_nor_re_adds_and_re_add_takes_only_legs_of_the_array(daemon):
     daemon.examine["/dev/nvme0n1"] = _sb_of("vol1")
     daemon.examine["/dev/nvme1n1"] = _sb_of("other")
     result = storage.md_assemble("vol1", ["/dev/nvme0n1", "/dev/nvme1n1"])
@@ -349,11 +370,20 @@ def test_daemon_assemble_re_adds_only_legs_of_the_array_and_never_adds(daemon):
     daemon.examine["/dev/nvme1n1"] = _sb_of("vol1", "6e766d65:6f666d70:99999999:99999999")
     result = storage.md_assemble("vol1", ["/dev/nvme0n1", "/dev/nvme1n1"])
     assert not result["ok"] and "different arrays" in result["error"]
+    assert not storage.md_re_add("vol1", "/dev/nvme1n1")["ok"]      # no array running yet
+    _running(daemon, "vol1", members=("/dev/nvme0n1",))
+    assert not storage.md_re_add("vol1", "/dev/nvme1n1")["ok"]      # another array's leg
     daemon.examine["/dev/nvme1n1"] = _sb_of("vol1")
-    _running(daemon, "vol1")
     storage.md_assemble("vol1", ["/dev/nvme0n1", "/dev/nvme1n1"])
     verbs = [a[3] for a in daemon.acted() if a[1] == "--manage"]
-    assert "--add" not in verbs and verbs.count("--re-add") == 2
+    assert "--add" not in verbs and "--re-add" not in verbs
+    assert storage.md_re_add("vol1", "/dev/nvme1n1")["ok"]
+    assert daemon.acted()[-1] == ["mdadm", "--manage", "/dev/md/vol1", "--re-add",
+                                  "/dev/nvme1n1"]
+    daemon.examine["/dev/nvme1n1"] = _sb_of("data")
+    assert not storage.md_re_add("vol1", "/dev/nvme1n1")["ok"]
+    with pytest.raises(PrivilegedArgumentError):
+        storage.md_re_add("vol1", "/dev/nvme9n1")
 
 
 def test_daemon_assemble_refuses_to_adopt_a_running_array_of_another_uuid(daemon):
@@ -404,24 +434,6 @@ def test_an_array_made_before_the_marker_is_adopted_under_its_exact_name(two):
     result = two.connector.connect_volume(raid_info())
     assert not result["degraded"] and two.sim.calls["md_create"] == 0
     assert two.sim.md["vol1"]["uuid"] == "11111111:22222222:33333333:44444444"
-
-
-def test_daemon_never_re_adds_a_leg_ahead_of_the_running_array(daemon):
-    """Split history (the gate saw md accept such a re-add): B's event count is above the
-    running members', so B holds writes the array lacks: left out, not resynced over."""
-    _running(daemon, "vol1", members=("/dev/nvme0n1",))
-    holders = os.path.join(host.SYS, "class/block/nvme0n1/holders")
-    os.makedirs(holders)
-    open(os.path.join(holders, "md127"), "w").close()
-    daemon.examine["/dev/nvme0n1"] = _sb_of("vol1", events=5)
-    daemon.examine["/dev/nvme1n1"] = _sb_of("vol1", events=9)
-    result = storage.md_assemble("vol1", ["/dev/nvme0n1", "/dev/nvme1n1"])
-    assert [leg for leg, _ in result["left_out"]] == ["/dev/nvme1n1"]
-    assert "ahead" in result["left_out"][0][1]
-    assert not [a for a in daemon.acted() if "--re-add" in a]
-    daemon.examine["/dev/nvme1n1"] = _sb_of("vol1", events=4)        # merely stale: re-added
-    assert storage.md_assemble("vol1", ["/dev/nvme0n1", "/dev/nvme1n1"])["left_out"] == []
-    assert daemon.acted()[-1][-2:] == ["--re-add", "/dev/nvme1n1"]
 
 
 def test_daemon_stops_our_array_whose_legs_all_died_and_whose_name_is_unreadable(daemon):

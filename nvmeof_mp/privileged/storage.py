@@ -249,25 +249,33 @@ def md_assemble(name, devices):
     else:
         return result
     _run(["mdadm", "--manage", array, "--remove", "failed"])
-    left_out, readded = [], []
-    held = [d for d in devices if _holder_md(d)]
-    top = max((_events(_examine(d)) for d in held), default=None)
-    for d in devices:
-        if d in held:
-            continue
-        if top is not None and _events(infos[d]) > top:
-            left_out.append([d, "its event count %d is ahead of the running array's %d: it "
-                             "holds writes the array lacks (split history), not re-added"
-                             % (_events(infos[d]), top)])
-            continue
-        readd = _run(["mdadm", "--manage", array, "--re-add", d])
-        if not readd["ok"]:
-            left_out.append([d, readd["error"]])
-        else:
-            readded.append(d)
     active = _array_state(array) not in (None, "inactive")
-    return {"ok": active, "out": "", "left_out": left_out, "readded": readded,
+    return {"ok": active, "out": "", "members": [d for d in devices if _holder_md(d)],
             "error": "" if active else "array %s is not active" % array}
+
+
+@privileged.default.entrypoint
+def md_re_add(name, device):
+    """``--re-add`` one leg carrying this array's superblock (same UUID as the running
+    /dev/md/<name>, which must be ours) and not in it.  Whether it should join (split
+    history) is the caller's decision (``nvmeof_mp.mdplan``), made from ``md_examine``."""
+    md, device = "/dev/md/" + alias(name), nvme_devices([device])[0]
+    array = _find_array(md, [])
+    if array is None:
+        return _refused("%s is not running" % md)
+    why = not_ours(array, name)
+    if why:
+        return _refused(why)
+    info = _examine(device)
+    if ownership(info, name) is None:
+        return _refused("%s: no superblock of array %s: not re-added" % (device, name))
+    uuid = (_detail(array) or {}).get("MD_UUID", "").lower()
+    if info.get("MD_UUID", "").lower() != uuid:
+        return _refused("%s belongs to another array (uuid %s) than %s (uuid %s)" % (
+            device, info.get("MD_UUID"), array, uuid))
+    if _holder_md(device):
+        return _refused("%s is held by an md array already" % device)
+    return _run(["mdadm", "--manage", array, "--re-add", device])
 
 
 @privileged.default.entrypoint
@@ -370,23 +378,40 @@ def _degraded(array):
         return False            # no such array: mdadm says so
 
 
-def _events(info):
-    try:
-        return int((info or {}).get("MD_EVENTS", -1))
-    except ValueError:
-        return -1
-
-
 def _examine(device):
     result = _run(["mdadm", "--examine", "--export", device])
     if not result["ok"]:
         return None
-    return _export(result["out"]) or None
+    info = _export(result["out"]) or None
+    if info:
+        full = _run(["mdadm", "--examine", device])
+        info.update(examine_roles(full["out"]) if full["ok"] else {})
+    return info
+
+
+_ROLE_RE = re.compile(r"^\s*Device Role : (?:Active device (\d{1,3})|(\w+))\s*$", re.M)
+_STATE_RE = re.compile(r"^\s*Array State : ([AR.?]{1,64})(?:\s|$)", re.M)
+
+
+def examine_roles(text):
+    """From ``mdadm --examine`` (1.x metadata): ``MD_DEVICE_ROLE``, the leg's role number
+    (or "spare", "faulty" ...), and ``MD_ARRAY_STATE``, the roles it believed active when
+    it last wrote its superblock (``AA``, ``A.``): what ``nvmeof_mp.mdplan`` judges."""
+    found = {}
+    role = _ROLE_RE.search(text or "")
+    if role:
+        found["MD_DEVICE_ROLE"] = role.group(1) or role.group(2).lower()
+    state = _STATE_RE.search(text or "")
+    if state:
+        found["MD_ARRAY_STATE"] = state.group(1)
+    return found
 
 
 @privileged.default.entrypoint
 def md_examine(device):
-    """``mdadm --examine --export``: does a leg carry an md superblock, and of which array."""
+    """``mdadm --examine --export`` plus the leg's role and recorded array state
+    (``examine_roles``): does a leg carry an md superblock, of which array, and what did it
+    last see of it."""
     return _examine(nvme_devices([device])[0])
 
 

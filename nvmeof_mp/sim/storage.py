@@ -52,8 +52,9 @@ class SimStorage:
             if any(i in self.superblocks for i in ids):
                 return self._fail("a leg carries an md superblock: not overwritten")
             uuid = self._md_uuid()
-            for i in ids:
-                self.superblocks[i] = {"name": name, "uuid": uuid, "events": 0}
+            for role, i in enumerate(ids):
+                self.superblocks[i] = {"name": name, "uuid": uuid, "events": 0, "role": role,
+                                       "view": "A" * raid_devices}
             self._md_start(name, devices, raid_devices, uuid, 0)
             return self._ok("mdadm: array /dev/md/%s started." % name)
 
@@ -73,10 +74,31 @@ class SimStorage:
         (made before the marker) names it exactly."""
         return sb is not None and sb["name"] == name
 
+    def _role(self, ident):
+        """A leg's role: recorded in its superblock, else its place among the legs of its
+        array (superblocks a test wrote by hand)."""
+        sb = self.superblocks[ident]
+        if "role" in sb:
+            return sb["role"]
+        return sorted(i for i, o in self.superblocks.items()
+                      if o["uuid"] == sb["uuid"]).index(ident)
+
+    def _md_update(self, md):
+        """md writes its superblocks: a new event count, and the roles active now, on every
+        active leg (a failed or absent one keeps what it last saw)."""
+        md["events"] += 1
+        active = [self._identity_of(d) for d, s in md["legs"].items() if s == "active"]
+        roles = {self._role(i) for i in active if i in self.superblocks}
+        view = "".join("A" if r in roles else "." for r in range(md["raid_devices"]))
+        for ident in active:
+            if ident in self.superblocks:
+                self.superblocks[ident].update(events=md["events"], view=view,
+                                               role=self._role(ident))
+
     def md_assemble(self, name, devices):
-        """Assemble from legs with this array's superblock (the freshest start it, the others
-        are re-added), or adopt the running array and re-add; md refuses to re-add a leg
-        whose event count is ahead of the array's: left out, untouched."""
+        """Assemble from legs with this array's superblock (the freshest start it: md kicks
+        the others out as non-fresh), or adopt the running array.  Re-adds none: see
+        ``md_re_add``."""
         self._count("md_assemble")
         with self.lock:
             sbs = {d: self.superblocks.get(self._identity_of(d)) for d in devices}
@@ -92,24 +114,32 @@ class SimStorage:
                 top = max(sb["events"] for sb in sbs.values())
                 fresh = [d for d, sb in sbs.items() if sb["events"] == top]
                 self._md_start(name, fresh, max(2, len(devices)), uuids.pop(), top)
+                self._md_update(self.md[name])
             md = self.md[name]
-            left_out, readded = [], []
-            for device in devices:
-                ident = self._identity_of(device)
-                if md["legs"].get(device) == "active":
-                    continue
-                if sbs[device]["events"] > md["events"]:
-                    left_out.append([device, "mdadm: --re-add for %s to /dev/md/%s is not "
-                                     "possible (its events are ahead)" % (device, name)])
-                    continue
-                for dev, state in list(md["legs"].items()):
-                    if state == "faulty" and self._identity_of(dev) in (None, ident):
-                        del md["legs"][dev]
-                md["legs"][device] = "active"
-                sbs[device]["events"] = md["events"]
-                readded.append(device)
+            members = [d for d in devices if md["legs"].get(d) == "active"]
             return dict(self._ok("mdadm: /dev/md/%s has been started with %d drives." % (
-                name, len(md["legs"]))), left_out=left_out, readded=readded)
+                name, len(md["legs"]))), members=members)
+
+    def md_re_add(self, name, device):
+        """As md: any leg of this array is taken back (split history or not: judging that is
+        the caller's part) unless its event count is ahead of the array's."""
+        self._count("md_re_add")
+        with self.lock:
+            md = self.md.get(name)
+            ident = self._identity_of(device)
+            sb = self.superblocks.get(ident)
+            if md is None or sb is None or sb["uuid"] != md["uuid"]:
+                return self._fail("mdadm: %s is not a leg of a running /dev/md/%s"
+                                  % (device, name))
+            if sb["events"] > md["events"]:
+                return self._fail("mdadm: --re-add for %s to /dev/md/%s is not possible"
+                                  % (device, name))
+            for dev, state in list(md["legs"].items()):
+                if state == "faulty" and self._identity_of(dev) in (None, ident):
+                    del md["legs"][dev]
+            md["legs"][device] = "active"
+            self._md_update(md)
+            return self._ok("mdadm: re-added %s" % device)
 
     def md_add(self, name, device):
         self._count("md_add")
@@ -120,25 +150,25 @@ class SimStorage:
             if ident is None or ident in self.superblocks:
                 return self._fail("%s is not blank: not added" % device)
             md = self.md[name]
+            used = {self._role(self._identity_of(d)) for d, s in md["legs"].items()
+                    if s == "active" and self._identity_of(d) in self.superblocks}
             md["legs"][device] = "active"
             self.superblocks[ident] = {"name": name, "uuid": md["uuid"],
-                                       "events": md["events"]}
+                                       "events": md["events"],
+                                       "role": min(set(range(md["raid_devices"])) - used)}
+            self._md_update(md)
             return self._ok("mdadm: added %s" % device)
 
     def md_write(self, name):
         """The VM writes: the event count of the array and of its active legs goes up."""
         with self.lock:
-            md = self.md[name]
-            md["events"] += 1
-            for dev, state in md["legs"].items():
-                ident = self._identity_of(dev)
-                if state == "active" and ident in self.superblocks:
-                    self.superblocks[ident]["events"] = md["events"]
+            self._md_update(self.md[name])
 
     def md_fail(self, name, device):
         """md marks a leg faulty after an I/O error (failfast)."""
         with self.lock:
             self.md[name]["legs"][device] = "faulty"
+            self._md_update(self.md[name])
 
     def md_stop(self, name, node=None):
         self._count("md_stop")
@@ -170,8 +200,12 @@ class SimStorage:
         sb = self.superblocks.get(self._identity_of(device))
         if not sb:
             return None
-        return {"MD_LEVEL": "raid1", "MD_NAME": "any:" + sb["name"], "MD_UUID": sb["uuid"],
-                "MD_EVENTS": str(sb["events"])}
+        with self.lock:
+            count = sum(o["uuid"] == sb["uuid"] for o in self.superblocks.values())
+            return {"MD_LEVEL": "raid1", "MD_NAME": "any:" + sb["name"],
+                    "MD_UUID": sb["uuid"], "MD_EVENTS": str(sb["events"]),
+                    "MD_DEVICE_ROLE": str(self._role(self._identity_of(device))),
+                    "MD_ARRAY_STATE": sb.get("view", "A" * max(2, count))}
 
     def dm_load(self, name, size_sectors, devnums):
         self._count("dm_load")

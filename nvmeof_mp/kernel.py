@@ -141,6 +141,10 @@ class Kernel(abc.ABC):
         ``members``: the given legs the running array holds."""
 
     @abc.abstractmethod
+    def md_stop_inactive(self, name, devices) -> dict:
+        """Stop the inactive array of these legs that udev's incremental assembly left."""
+
+    @abc.abstractmethod
     def md_re_add(self, name, device) -> dict:
         """``--re-add`` a leg of this array (the caller judged it merely behind)."""
 
@@ -275,6 +279,9 @@ class PrivilegedKernel(Kernel):
 
     def md_re_add(self, name, device):
         return self._storage("md_re_add", name, device)
+
+    def md_stop_inactive(self, name, devices):
+        return self._storage("md_stop_inactive", name, list(devices))
 
     def md_add(self, name, device):
         return self._storage("md_add", name, device)

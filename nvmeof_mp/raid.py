@@ -20,6 +20,7 @@ from nvmeof_mp import mdplan, replicas
 from nvmeof_mp.exception import ReplicaError
 from nvmeof_mp.locks import named_lock
 from nvmeof_mp.plan import find_namespace
+from nvmeof_mp.waiting import poll
 
 LOG = logging.getLogger(__name__)
 
@@ -95,6 +96,26 @@ def plan(name, replica_count, legs):
     return Plan("create", members=blank)
 
 
+#: how long an assemble is retried while udev's incremental assembly races it
+ASSEMBLE_RETRY = 3.0
+
+
+def assemble(connector, name, legs):
+    """``md_assemble`` until it succeeds, is refused, or ``ASSEMBLE_RETRY`` passes.  An
+    inactive array of these legs (udev's incremental assembly grabbed some as they appeared)
+    is stopped first, so the array comes up from all legs at once (no needless resync)."""
+    kernel, last = connector.kernel, {}
+
+    def attempt():
+        last.clear()
+        last.update(kernel.md_assemble(name, legs))
+        if last.get("inactive"):
+            kernel.md_stop_inactive(name, legs)
+        return last.get("ok") or not (last.get("inactive") or last.get("retry"))
+    poll(attempt, ASSEMBLE_RETRY, connector.clock, first=0.1, longest=0.5)
+    return dict(last)
+
+
 def connect(connector, request, pending=None):
     """Attach the legs, then do what ``plan`` decides: create, assemble or adopt the array and
     add blank legs, or return a single replica's own device.
@@ -126,7 +147,7 @@ def connect(connector, request, pending=None):
                 started.append("assemble")
                 legs_of = {d: examined[d] for d in decided.members}
                 start = list(legs_of) if existed else mdplan.assemble_from(legs_of)
-                result = replicas.require_ok(kernel.md_assemble(name, start),
+                result = replicas.require_ok(assemble(connector, name, start),
                                              "mdadm --assemble")
                 held = result.get("members") or []
                 running = {d: kernel.md_examine(d) for d in held}

@@ -58,6 +58,8 @@ CALLS = {
     "md_create leg": lambda h: body(storage.md_create)("vol1", ["/dev/" + h], 1),
     "md_assemble": lambda h: body(storage.md_assemble)(h, ["/dev/nvme0n1"]),
     "md_add": lambda h: body(storage.md_add)("vol1", "/dev/" + h),
+    "md_stop_inactive name": lambda h: body(storage.md_stop_inactive)(h, ["/dev/nvme0n1"]),
+    "md_stop_inactive leg": lambda h: body(storage.md_stop_inactive)("vol1", ["/dev/" + h]),
     "md_re_add name": lambda h: body(storage.md_re_add)(h, "/dev/nvme0n1"),
     "md_re_add leg": lambda h: body(storage.md_re_add)("vol1", "/dev/" + h),
     "md_stop": lambda h: body(storage.md_stop)(h),

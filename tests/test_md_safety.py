@@ -386,6 +386,35 @@ def test_daemon_assemble_never_adds_nor_re_adds_and_re_add_takes_only_legs_of_th
         storage.md_re_add("vol1", "/dev/nvme9n1")
 
 
+def test_an_array_udev_left_inactive_is_stopped_then_assembled_from_every_leg(two):
+    two.connector.connect_volume(raid_info())
+    two.connector.disconnect_volume(raid_info())
+    two.sim.md_inactive = {"vol1"}
+    result = two.connector.connect_volume(raid_info())
+    assert not result["degraded"] and two.sim.calls["md_stop_inactive"] == 1
+    assert two.sim.calls["md_assemble"] == 2 and two.sim.md_inactive == set()
+
+
+def test_daemon_answers_an_inactive_array_and_stops_only_an_inactive_one_of_the_legs(daemon):
+    daemon.examine["/dev/nvme0n1"] = _sb_of("vol1")
+    assert not storage.md_stop_inactive("vol1", ["/dev/nvme0n1"])["ok"]  # nothing there
+    _running(daemon, "vol1", members=("/dev/nvme0n1",))
+    state = os.path.join(host.SYS, "block/md127/md/array_state")
+    os.makedirs(os.path.dirname(state))
+    with open(state, "w") as f:
+        f.write("active\n")
+    assert not storage.md_stop_inactive("vol1", ["/dev/nvme0n1"])["ok"]  # running: no
+    with open(state, "w") as f:
+        f.write("inactive\n")
+    result = storage.md_assemble("vol1", ["/dev/nvme0n1"])
+    assert not result["ok"] and result["inactive"] and daemon.acted() == []
+    daemon.detail["/dev/md/vol1"]["MD_UUID"] = storage.MD_UUID_PREFIX + "99999999:99999999"
+    assert not storage.md_stop_inactive("vol1", ["/dev/nvme0n1"])["ok"]  # another array
+    daemon.detail["/dev/md/vol1"]["MD_UUID"] = MARKED
+    assert storage.md_stop_inactive("vol1", ["/dev/nvme0n1"])["ok"]
+    assert daemon.acted() == [["mdadm", "--stop", "/dev/md/vol1"]]
+
+
 def test_daemon_assemble_refuses_to_adopt_a_running_array_of_another_uuid(daemon):
     daemon.examine["/dev/nvme0n1"] = _sb_of("vol1")
     _running(daemon, "vol1", uuid=storage.MD_UUID_PREFIX + "99999999:99999999")

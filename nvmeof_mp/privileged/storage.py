@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import time
 
 from nvmeof_mp import privileged
 from nvmeof_mp.exception import PrivilegedArgumentError
@@ -201,57 +200,75 @@ def _array_state(array):
         return None
 
 
-@privileged.default.entrypoint
-def md_assemble(name, devices):
-    """Bring up /dev/md/<name> from legs that carry its superblock, and re-add those not in
-    it.  Every leg must carry the superblock of this one array (``ownership``: marked, or
-    legacy under exactly this name); a blank leg is added with ``md_add``, never here.
-
-    The array may exist already: running (a heal re-adds legs), or half-assembled and
-    inactive because udev's ``mdadm --incremental`` grabbed legs as they appeared (our
-    assemble would fail with "busy").  An inactive one of this UUID is stopped and assembled
-    again from all legs at once (no needless resync); a running one must be ours.  A leg whose
-    event count is above the running members' (it took writes the array lacks: md itself
-    re-adds such a leg, the gate saw it) or that md refuses to re-add is left out, untouched,
-    and listed in ``left_out``.
-    """
-    md, devices = "/dev/md/" + alias(name), nvme_devices(devices)
+def _legs_uuid(name, devices):
+    """The array UUID every leg's superblock carries (``ownership``: marked, or legacy under
+    exactly this name), or a refusal."""
     infos = {d: _examine(d) for d in devices}
     strange = [d for d, info in infos.items() if ownership(info, name) is None]
     if strange:
-        return _refused("%s: no superblock of array %s: not assembled" % (
+        return None, _refused("%s: no superblock of array %s: not assembled" % (
             ", ".join(strange), name))
     uuids = {info.get("MD_UUID", "").lower() for info in infos.values()}
     if len(uuids) != 1:
-        return _refused("the legs belong to different arrays named %s" % name)
-    uuid = uuids.pop()
-    result = _refused("no array")
-    for attempt in range(6):
-        array = _find_array(md, devices)
-        if array and _array_state(array) == "inactive":
-            found = (_detail(array) or {}).get("MD_UUID", uuid).lower()
-            if found != uuid:
-                return _refused("%s (uuid %s) is not the array of these legs" % (array, found))
-            _run(["mdadm", "--stop", array])
-            continue
-        if array:
-            why = not_ours(array, name)
-            if why is None and (_detail(array) or {}).get("MD_UUID", "").lower() != uuid:
-                why = "%s is not the array of these legs (uuid %s)" % (array, uuid)
-            if why:
-                return _refused(why)
-            break
-        result = _run(["mdadm", "--assemble", "--run", md, "--uuid=" + uuid] + devices)
-        if result["ok"]:
-            array = md
-            break
-        time.sleep(0.1 * (attempt + 1))     # udev's incremental assembly is racing us
+        return None, _refused("the legs belong to different arrays named %s" % name)
+    return uuids.pop(), None
+
+
+@privileged.default.entrypoint
+def md_assemble(name, devices):
+    """One attempt to bring up /dev/md/<name> from legs that carry its superblock, or to
+    adopt it running.  Every leg must carry the superblock of this one array; a blank leg is
+    added with ``md_add``, a returning one re-added with ``md_re_add``, never here.
+
+    udev's ``mdadm --incremental`` may race us: an array of these legs left inactive (it
+    grabbed legs as they appeared) is answered ``inactive`` (the caller stops it with
+    ``md_stop_inactive`` and tries again), a failed assemble ``retry``; the caller retries
+    under its deadline.  A running array must be ours and of these legs' UUID.  ``members``:
+    the given legs the running array holds.
+    """
+    md, devices = "/dev/md/" + alias(name), nvme_devices(devices)
+    uuid, refused = _legs_uuid(name, devices)
+    if refused:
+        return refused
+    array = _find_array(md, devices)
+    if array and _array_state(array) == "inactive":
+        found = (_detail(array) or {}).get("MD_UUID", uuid).lower()
+        if found != uuid:
+            return _refused("%s (uuid %s) is not the array of these legs" % (array, found))
+        return dict(_refused("%s is inactive: udev's incremental assembly holds legs of it"
+                             % array), inactive=True)
+    if array:
+        why = not_ours(array, name)
+        if why is None and (_detail(array) or {}).get("MD_UUID", "").lower() != uuid:
+            why = "%s is not the array of these legs (uuid %s)" % (array, uuid)
+        if why:
+            return _refused(why)
     else:
-        return result
+        result = _run(["mdadm", "--assemble", "--run", md, "--uuid=" + uuid] + devices)
+        if not result["ok"]:
+            return dict(result, retry=True)
+        array = md
     _run(["mdadm", "--manage", array, "--remove", "failed"])
     active = _array_state(array) not in (None, "inactive")
     return {"ok": active, "out": "", "members": [d for d in devices if _holder_md(d)],
             "error": "" if active else "array %s is not active" % array}
+
+
+@privileged.default.entrypoint
+def md_stop_inactive(name, devices):
+    """Stop the inactive array holding these legs (udev's incremental assembly started it),
+    only when it is inactive and of the UUID the legs' superblocks carry."""
+    md, devices = "/dev/md/" + alias(name), nvme_devices(devices)
+    uuid, refused = _legs_uuid(name, devices)
+    if refused:
+        return refused
+    array = _find_array(md, devices)
+    if array is None or _array_state(array) != "inactive":
+        return _refused("no inactive array of %s" % md)
+    found = (_detail(array) or {}).get("MD_UUID", "").lower()
+    if found != uuid:
+        return _refused("%s (uuid %s) is not the array of these legs" % (array, found))
+    return _run(["mdadm", "--stop", array])
 
 
 @privileged.default.entrypoint

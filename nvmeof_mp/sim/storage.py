@@ -101,6 +101,9 @@ class SimStorage:
         ``md_re_add``."""
         self._count("md_assemble")
         with self.lock:
+            if name in self.md_inactive:
+                return dict(self._fail("an inactive array holds legs of %s" % name),
+                            inactive=True)
             sbs = {d: self.superblocks.get(self._identity_of(d)) for d in devices}
             bad = [d for d, sb in sbs.items() if not self._ours(name, sb)]
             if bad:
@@ -119,6 +122,17 @@ class SimStorage:
             members = [d for d in devices if md["legs"].get(d) == "active"]
             return dict(self._ok("mdadm: /dev/md/%s has been started with %d drives." % (
                 name, len(md["legs"]))), members=members)
+
+    #: names of arrays udev's incremental assembly left inactive (a test sets it)
+    md_inactive = frozenset()
+
+    def md_stop_inactive(self, name, devices):
+        self._count("md_stop_inactive")
+        with self.lock:
+            if name not in self.md_inactive:
+                return self._fail("no inactive array of /dev/md/%s" % name)
+            self.md_inactive = self.md_inactive - {name}
+            return self._ok("mdadm: stopped an inactive array")
 
     def md_re_add(self, name, device):
         """As md: any leg of this array is taken back (split history or not: judging that is

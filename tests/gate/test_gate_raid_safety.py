@@ -2,6 +2,7 @@
 sequence of attach, heal and detach overwrites a leg holding the volume's data."""
 
 import os
+import subprocess
 import time
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from nvmeof_mp.exception import ReplicaError
 from nvmeof_mp.lab.workload import verify, wait_for, write_for
 
-from test_gate import NQN, U1, U2, controllers, md_degraded, replicas
+from test_gate import NQN, U1, U2, controllers, md_degraded, record, replicas
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 NQB = NQN + "-b"
@@ -142,9 +143,13 @@ def test_raid_safety_leg_ahead_of_the_array_is_left_out(connector, target):
         healed, sb_state(healed["replicas"][0]["device"]), sb_state(record_b["device"]),
         os.listdir("/sys/block/%s/slaves" % os.path.basename(
             os.path.realpath(healed["path"]))))
-    print("split history:", seen)
+    record("split history: B %s" % (
+        "left out" if record_b["error"] else "re-added") + "; " + seen.split("; ", 1)[1])
     assert healed["degraded"] and "split history" in (record_b["error"] or ""), seen
     time.sleep(3)
+    subprocess.run(["udevadm", "settle", "--timeout=10"], check=False)
+    # B's add event ran udev's "mdadm --incremental" during the connect: it did not re-add
+    # B to the running array either
     assert md_degraded(healed["path"]) == 1, seen         # B never resynced over
     assert verify(healed["path"], on_a) == []
     connector.disconnect_volume(raid, healed)

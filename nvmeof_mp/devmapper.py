@@ -33,6 +33,11 @@ def _usable(connector):
     return connector.hostinfo.tool("dmsetup")
 
 
+def load_step(status):
+    """``dm_reload`` when the map exists (its ``dm_status``), else ``dm_create``."""
+    return "dm_create" if status is None else "dm_reload"
+
+
 def connect(connector, request, pending=None):
     if not _usable(connector):
         if request.enforce_multipath:
@@ -59,7 +64,8 @@ def connect(connector, request, pending=None):
         size = min(sizes[att.device] for att in legs)
         with named_lock("dm-" + name, connector.lock_path):
             loaded.append(name)
-            replicas.require_ok(connector.kernel.dm_load(name, size, devnums),
+            load = load_step(connector.kernel.dm_status(name))
+            replicas.require_ok(getattr(connector.kernel, load)(name, size, devnums),
                                 "dm-multipath map load")
             status = connector.kernel.dm_status(name) or {}
             for dev in devnums:
@@ -133,6 +139,6 @@ def extend(connector, request):
     legs = replicas.rescan_legs(connector, request)
     size = min(new for _, _, new in legs) // 512
     devnums = [replicas.block_attr(connector, dev, "dev") for dev, _, _ in legs]
-    replicas.require_ok(connector.kernel.dm_load(map_name(request), size, devnums),
+    replicas.require_ok(connector.kernel.dm_reload(map_name(request), size, devnums),
                         "dm-multipath map reload")
     return size * 512

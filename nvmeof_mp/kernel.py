@@ -164,7 +164,12 @@ class Kernel(abc.ABC):
         """The leg's md superblock as ``mdadm --examine --export`` keys, or None."""
 
     @abc.abstractmethod
-    def dm_load(self, name, size_sectors, devnums) -> dict: ...
+    def dm_create(self, name, size_sectors, devnums) -> dict:
+        """Create the map; refused when a map of that name exists."""
+
+    @abc.abstractmethod
+    def dm_reload(self, name, size_sectors, devnums) -> dict:
+        """Reload our existing map with these paths and size."""
 
     @abc.abstractmethod
     def dm_message(self, name, message, devnum=None) -> dict: ...
@@ -295,8 +300,11 @@ class PrivilegedKernel(Kernel):
     def md_examine(self, device):
         return self._storage("md_examine", device)
 
-    def dm_load(self, name, size_sectors, devnums):
-        return self._storage("dm_load", name, size_sectors, list(devnums))
+    def dm_create(self, name, size_sectors, devnums):
+        return self._storage("dm_create", name, size_sectors, list(devnums))
+
+    def dm_reload(self, name, size_sectors, devnums):
+        return self._storage("dm_reload", name, size_sectors, list(devnums))
 
     def dm_message(self, name, message, devnum=None):
         return self._storage("dm_message", name, message, devnum)

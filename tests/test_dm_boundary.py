@@ -58,7 +58,8 @@ def dmsetup(tmp_path, monkeypatch, fabrics):
 
 
 @pytest.mark.parametrize("act", [
-    lambda name: storage.load_map(name, 131072, ["259:0", "259:1"]),
+    lambda name: storage.create_map(name, 131072, ["259:0", "259:1"]),
+    lambda name: storage.reload_map(name, 131072, ["259:0", "259:1"]),
     lambda name: storage.message_map(name, "fail_if_no_path"),
     lambda name: storage.message_map(name, "reinstate_path", "259:0"),
     lambda name: storage.map_status(name),
@@ -77,12 +78,15 @@ def test_a_map_is_built_over_nvme_of_namespaces_only(dmsetup, fabrics, tmp_path)
     (tmp_path / "host" / "sys" / "dev" / "block" / "8:0").symlink_to(disk)
     for paths in (["259:0", "8:0"], ["259:0", "259:77"]):
         with pytest.raises(PrivilegedArgumentError, match="not an NVMe"):
-            storage.load_map(OURS, 131072, paths)
+            storage.reload_map(OURS, 131072, paths)
+        with pytest.raises(PrivilegedArgumentError, match="not an NVMe"):
+            storage.create_map("new", 131072, paths)
     assert dmsetup() == []
 
 
 def test_our_map_is_reloaded_queried_and_removed(dmsetup):
-    assert storage.load_map(OURS, 131072, ["259:0", "259:1"])["ok"]
+    assert not storage.create_map(OURS, 131072, ["259:0", "259:1"])["ok"]   # exists
+    assert storage.reload_map(OURS, 131072, ["259:0", "259:1"])["ok"]
     assert storage.map_status(OURS) == {"259:0": "A"}
     assert storage.remove_map(OURS)["ok"]
     verbs = [line.split()[0] for line in dmsetup()]
@@ -94,7 +98,8 @@ def test_a_missing_map_is_created_with_our_uuid_and_nothing_else_runs_on_it(dmse
     assert storage.map_status(name) is None
     assert storage.remove_map(name)["ok"] is False
     assert storage.message_map(name, "fail_if_no_path")["ok"] is False
-    assert storage.load_map(name, 131072, ["259:0"])["ok"]
+    assert storage.reload_map(name, 131072, ["259:0"])["ok"] is False      # no such map
+    assert storage.create_map(name, 131072, ["259:0"])["ok"]
     created = [line for line in dmsetup() if line.startswith("create")]
     assert created and "--uuid nvmeof_mp-" + name in created[0]
     assert [line.split()[0] for line in dmsetup()] == ["create", "mknodes"]

@@ -207,7 +207,7 @@ def test_dm_extend_reloads_the_map_with_the_new_size(two):
     two.sim.resize(NQB, 1, 262144)
     assert two.connector.extend_volume(dm_info()) == 262144 * 512
     assert two.sim.dm[UUID_TOP]["size"] == 262144
-    assert two.sim.calls["dm_load"] == 2
+    assert two.sim.calls["dm_create"] == 1 and two.sim.calls["dm_reload"] == 1
 
 
 def test_check_paths_readds_a_failed_raid_leg(two):
@@ -299,7 +299,7 @@ def test_raid_heal_failing_keeps_the_running_array_and_its_legs(two):
     assert os.path.exists(os.path.join(two.root, "dev/md/vol1"))
 
 
-@pytest.mark.parametrize("step", ["dm_load", "dm_status"])
+@pytest.mark.parametrize("step", ["dm_create", "dm_status"])
 def test_dm_step_raising_leaves_nothing_behind(two, step):
     failing(two.sim, step)
     with pytest.raises(Boom):
@@ -308,13 +308,13 @@ def test_dm_step_raising_leaves_nothing_behind(two, step):
     assert not os.path.exists(os.path.join(two.root, "dev/mapper", UUID_TOP))
 
 
-def test_dm_load_that_made_the_map_but_failed_is_removed(two):
-    real = two.sim.dm_load
+def test_dm_create_that_made_the_map_but_failed_is_removed(two):
+    real = two.sim.dm_create
 
     def made_but_failed(name, size, devnums):
         real(name, size, devnums)
         return {"ok": False, "out": "", "error": "resume failed"}
-    two.sim.dm_load = made_but_failed
+    two.sim.dm_create = made_but_failed
     with pytest.raises(ReplicaError, match="resume"):
         two.connector.connect_volume(dm_info())
     assert_host_clean(two)
@@ -325,7 +325,7 @@ def test_dm_unreadable_device_number_fails_cleanly(two, monkeypatch):
     monkeypatch.setattr(replicas, "block_attr", lambda *a: None)
     with pytest.raises(ReplicaError, match="device number"):
         two.connector.connect_volume(dm_info())
-    assert two.sim.calls["dm_load"] == 0
+    assert two.sim.calls.get("dm_create", 0) == 0
     assert_host_clean(two)
 
 

@@ -463,28 +463,51 @@ def our_map(name):
 _NO_MAP = {"ok": False, "out": "", "error": "no such map"}
 
 
-@privileged.default.entrypoint
-def dm_load(name, size_sectors, devnums):
-    return load_map(name, size_sectors, devnums)
-
-
-def load_map(name, size_sectors, devnums):
-    """Create the multipath map, or reload a map of ours with the current set of replica
-    devices."""
+def _map_table(name, size_sectors, devnums):
     name = dm_name(name)
     if not isinstance(size_sectors, int) or size_sectors <= 0 or not devnums:
         raise PrivilegedArgumentError("bad map geometry")
     # paths are NVMe-oF namespaces only: never a local disk, an LVM volume or another map
-    table = multipath_table(size_sectors, [host.fabrics_devnum(d) for d in devnums])
+    return name, multipath_table(size_sectors, [host.fabrics_devnum(d) for d in devnums])
+
+
+@privileged.default.entrypoint
+def dm_create(name, size_sectors, devnums):
+    return create_map(name, size_sectors, devnums)
+
+
+@privileged.default.entrypoint
+def dm_reload(name, size_sectors, devnums):
+    return reload_map(name, size_sectors, devnums)
+
+
+def create_map(name, size_sectors, devnums):
+    """Create the multipath map with our DM uuid; refused when a map of that name exists
+    (ours: the caller reloads it; anyone else's: never touched)."""
+    name, table = _map_table(name, size_sectors, devnums)
     if our_map(name):
-        result = _run(["dmsetup", "reload", name, "--table", table])
-        if result["ok"]:
-            result = _run(["dmsetup", "resume", name])
-    else:
-        result = _run(["dmsetup", "create", name, "--uuid", DM_UUID_PREFIX + name,
-                       "--table", table])
-        if not result["ok"] and _run(["dmsetup", "info", name])["ok"]:
-            _run(["dmsetup", "remove", name])       # leave no empty map behind
+        return _refused("map %s exists already" % name)
+    result = _run(["dmsetup", "create", name, "--uuid", DM_UUID_PREFIX + name,
+                   "--table", table])
+    if not result["ok"]:
+        made = _run(["dmsetup", "info", "-c", "--noheadings", "-o", "uuid", name])
+        if made["ok"] and made["out"].strip() == DM_UUID_PREFIX + name:
+            _run(["dmsetup", "remove", name])       # leave no empty map of ours behind
+    return _loaded(name, result)
+
+
+def reload_map(name, size_sectors, devnums):
+    """Reload a map of ours with the current set of replica devices."""
+    name, table = _map_table(name, size_sectors, devnums)
+    if not our_map(name):
+        return dict(_NO_MAP)
+    result = _run(["dmsetup", "reload", name, "--table", table])
+    if result["ok"]:
+        result = _run(["dmsetup", "resume", name])
+    return _loaded(name, result)
+
+
+def _loaded(name, result):
     if result["ok"]:
         _run(["dmsetup", "mknodes", name])          # no udev: make /dev/mapper/<name>
     elif "multipath" in result["error"] and "target" in result["error"].lower():

@@ -221,8 +221,22 @@ class SimStorage:
                     "MD_DEVICE_ROLE": str(self._role(self._identity_of(device))),
                     "MD_ARRAY_STATE": sb.get("view", "A" * max(2, count))}
 
-    def dm_load(self, name, size_sectors, devnums):
-        self._count("dm_load")
+    def dm_create(self, name, size_sectors, devnums):
+        self._count("dm_create")
+        with self.lock:
+            if name in self.dm:
+                return self._fail("device-mapper: create ioctl failed: Device or resource "
+                                  "busy")
+            return self._dm_load(name, size_sectors, devnums)
+
+    def dm_reload(self, name, size_sectors, devnums):
+        self._count("dm_reload")
+        with self.lock:
+            if name not in self.dm:
+                return self._fail("Device %s not found" % name)
+            return self._dm_load(name, size_sectors, devnums)
+
+    def _dm_load(self, name, size_sectors, devnums):
         with self.lock:
             old = self.dm.get(name, {"paths": {}})["paths"]
             queueing = self.dm.get(name, {}).get("queueing", True)

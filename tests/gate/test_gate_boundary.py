@@ -79,11 +79,12 @@ def test_the_daemon_leaves_a_foreign_dm_map_alone(connector, target, foreign_map
         foreign_dev = f.read().strip()
     kernel = connector.kernel
     try:
-        for act in (lambda: kernel.dm_load(foreign_map, 8192, [ours]),
+        for act in (lambda: kernel.dm_reload(foreign_map, 8192, [ours]),
+                    lambda: kernel.dm_create(foreign_map, 8192, [ours]),
                     lambda: kernel.dm_message(foreign_map, "fail_if_no_path"),
                     lambda: kernel.dm_status(foreign_map),
                     lambda: kernel.dm_remove(foreign_map),
-                    lambda: kernel.dm_load("gate-new", 8192, [foreign_dev])):
+                    lambda: kernel.dm_create("gate-new", 8192, [foreign_dev])):
             with pytest.raises(Exception, match="not one of nvmeof_mp's|not an NVMe"):
                 act()
         assert run("dmsetup", "table", foreign_map).stdout.split()[:3] == ["0", "8192", "zero"]

@@ -38,13 +38,17 @@ def superblock(leg):
 
 
 def sb_state(leg):
-    """(events, this leg's role, the roles its superblock records) of a 1.2 superblock,
+    """(events, this leg's role, the roles its superblock records active) of a 1.2 superblock,
     read as the lab user: events at 200, dev_number at 160, max_dev at 220, dev_roles
     (16-bit each: 0xffff spare, 0xfffe faulty) from 256."""
+    import mmap
     import struct
-    with open(leg, "rb") as f:
-        f.seek(4096)
-        sb = f.read(1024)
+    sb = mmap.mmap(-1, 4096)            # O_DIRECT: md writes past the leg's page cache
+    fd = os.open(leg, os.O_RDONLY | os.O_DIRECT)
+    try:
+        os.preadv(fd, [sb], 4096)
+    finally:
+        os.close(fd)
     events, = struct.unpack_from("<Q", sb, 200)
     number, = struct.unpack_from("<I", sb, 160)
     max_dev, = struct.unpack_from("<I", sb, 220)
@@ -121,9 +125,10 @@ def test_raid_safety_kumoscale_single_replica_is_the_namespace(connector, target
 @pytest.mark.cover("no resync over the data: leg ahead of the array", mode="raid")
 def test_raid_safety_leg_ahead_of_the_array_is_left_out(connector, target):
     """Split history: B took writes while A was away, then A was assembled alone and took
-    others.  When B returns it is ahead of the running array: md refuses the re-add, the
-    leg is left out and reported, and nothing adds it over.  Judged from B's own superblock
-    (it recorded A missing), not from event counts, which on 6.12 may show B behind."""
+    others.  When B returns it holds writes the running array lacks: md would take it back,
+    so the library leaves it out, reports it, and nothing adds it over.  Judged from B's own
+    superblock (it recorded A missing), not from event counts, which on 6.12 may show B
+    behind."""
     raid = {"volume_replicas": replicas(target), "alias": "safevol3"}
     first = connector.connect_volume(raid)
     write_for(first["path"], 0.3)

@@ -121,7 +121,10 @@ def test_the_daemon_leaves_a_foreign_md_array_and_other_devices_alone(connector,
     for refused in (kernel.md_stop(name), kernel.md_grow(name)):
         assert refused["ok"] is False and "not ours" in refused["error"]    # its members
     for act in (lambda: kernel.md_create("gate-new", loops, 2),
-                lambda: kernel.md_examine(loops[0])):
+                lambda: kernel.md_examine(loops[0]),
+                lambda: kernel.md_assemble(name, loops),
+                lambda: kernel.md_stop_inactive(name, loops),
+                lambda: kernel.md_re_add(name, loops[0])):
         with pytest.raises(Exception, match="not an NVMe namespace"):
             act()
     state = open("/sys/block/%s/md/array_state" % os.path.basename(

@@ -16,7 +16,7 @@ import os
 from nvmeof_mp.topology import listdir, read_attr
 from nvmeof_mp.waiting import poll
 
-#: the dm uuid prefix of this library's maps (as nvmeof_mp.privileged.storage.DM_UUID_PREFIX)
+#: the dm uuid prefix of this library's maps (as nvmeof_mp.privileged.dmsetup.DM_UUID_PREFIX)
 OUR_DM_UUID_PREFIX = "nvmeof_mp-"
 #: what multipath-tools' udev rule records for a device multipathd takes as a path
 MPATH_MARK = "E:DM_MULTIPATH_DEVICE_PATH=1"

@@ -272,9 +272,9 @@ class PrivilegedKernel(Kernel):
         return host.read_system_uuid()
 
     def _storage(self, op, *args):
-        from nvmeof_mp.privileged import storage
+        from nvmeof_mp.privileged import dmsetup, storage
         self._count(op)
-        return getattr(storage, op)(*args)
+        return getattr(dmsetup if op.startswith("dm_") else storage, op)(*args)
 
     def md_create(self, name, devices, raid_devices):
         return self._storage("md_create", name, list(devices), raid_devices)

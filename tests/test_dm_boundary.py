@@ -9,7 +9,7 @@ import stat
 import pytest
 
 from nvmeof_mp.exception import PrivilegedArgumentError
-from nvmeof_mp.privileged import host, storage
+from nvmeof_mp.privileged import dmsetup as dm, host
 
 from simlab import fabrics_host
 
@@ -58,12 +58,12 @@ def dmsetup(tmp_path, monkeypatch, fabrics):
 
 
 @pytest.mark.parametrize("act", [
-    lambda name: storage.create_map(name, 131072, ["259:0", "259:1"]),
-    lambda name: storage.reload_map(name, 131072, ["259:0", "259:1"]),
-    lambda name: storage.message_map(name, "fail_if_no_path"),
-    lambda name: storage.message_map(name, "reinstate_path", "259:0"),
-    lambda name: storage.map_status(name),
-    lambda name: storage.remove_map(name),
+    lambda name: dm.create_map(name, 131072, ["259:0", "259:1"]),
+    lambda name: dm.reload_map(name, 131072, ["259:0", "259:1"]),
+    lambda name: dm.message_map(name, "fail_if_no_path"),
+    lambda name: dm.message_map(name, "reinstate_path", "259:0"),
+    lambda name: dm.map_status(name),
+    lambda name: dm.remove_map(name),
 ])
 def test_a_map_that_is_not_ours_is_never_touched(dmsetup, act):
     with pytest.raises(PrivilegedArgumentError, match="not one of nvmeof_mp's"):
@@ -78,28 +78,28 @@ def test_a_map_is_built_over_nvme_of_namespaces_only(dmsetup, fabrics, tmp_path)
     (tmp_path / "host" / "sys" / "dev" / "block" / "8:0").symlink_to(disk)
     for paths in (["259:0", "8:0"], ["259:0", "259:77"]):
         with pytest.raises(PrivilegedArgumentError, match="not an NVMe"):
-            storage.reload_map(OURS, 131072, paths)
+            dm.reload_map(OURS, 131072, paths)
         with pytest.raises(PrivilegedArgumentError, match="not an NVMe"):
-            storage.create_map("new", 131072, paths)
+            dm.create_map("new", 131072, paths)
     assert dmsetup() == []
 
 
 def test_our_map_is_reloaded_queried_and_removed(dmsetup):
-    assert not storage.create_map(OURS, 131072, ["259:0", "259:1"])["ok"]   # exists
-    assert storage.reload_map(OURS, 131072, ["259:0", "259:1"])["ok"]
-    assert storage.map_status(OURS) == {"259:0": "A"}
-    assert storage.remove_map(OURS)["ok"]
+    assert not dm.create_map(OURS, 131072, ["259:0", "259:1"])["ok"]   # exists
+    assert dm.reload_map(OURS, 131072, ["259:0", "259:1"])["ok"]
+    assert dm.map_status(OURS) == {"259:0": "A"}
+    assert dm.remove_map(OURS)["ok"]
     verbs = [line.split()[0] for line in dmsetup()]
     assert verbs == ["reload", "resume", "mknodes", "status", "message", "remove"]
 
 
 def test_a_missing_map_is_created_with_our_uuid_and_nothing_else_runs_on_it(dmsetup):
     name = "0b7b1c2d-3e4f-4a5b-8c6d-7e8f90a1b2c3"
-    assert storage.map_status(name) is None
-    assert storage.remove_map(name)["ok"] is False
-    assert storage.message_map(name, "fail_if_no_path")["ok"] is False
-    assert storage.reload_map(name, 131072, ["259:0"])["ok"] is False      # no such map
-    assert storage.create_map(name, 131072, ["259:0"])["ok"]
+    assert dm.map_status(name) is None
+    assert dm.remove_map(name)["ok"] is False
+    assert dm.message_map(name, "fail_if_no_path")["ok"] is False
+    assert dm.reload_map(name, 131072, ["259:0"])["ok"] is False      # no such map
+    assert dm.create_map(name, 131072, ["259:0"])["ok"]
     created = [line for line in dmsetup() if line.startswith("create")]
     assert created and "--uuid nvmeof_mp-" + name in created[0]
     assert [line.split()[0] for line in dmsetup()] == ["create", "mknodes"]

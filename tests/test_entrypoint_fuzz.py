@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from nvmeof_mp import blockdev
 from nvmeof_mp.exception import PrivilegedArgumentError
-from nvmeof_mp.privileged import host, nvme, storage
+from nvmeof_mp.privileged import dmsetup, host, nvme, storage
 
 # At least one character that a tool, the kernel's option parser or a path would split on.
 DANGER = [",", "=", "\n", "\r", " ", "\t", "/", "%", "\x00", ";", "$(", "`", "*", "'",
@@ -65,15 +65,15 @@ CALLS = {
     "md_stop": lambda h: body(storage.md_stop)(h),
     "md_grow": lambda h: body(storage.md_grow)(h),
     "md_examine": lambda h: body(storage.md_examine)("/dev/" + h),
-    "dm_create name": lambda h: body(storage.dm_create)(h, 2048, ["259:0"]),
-    "dm_create path": lambda h: body(storage.dm_create)("vol", 2048, [h]),
-    "dm_reload name": lambda h: body(storage.dm_reload)(h, 2048, ["259:0"]),
-    "dm_reload path": lambda h: body(storage.dm_reload)("vol", 2048, [h]),
-    "dm_message name": lambda h: body(storage.dm_message)(h, "fail_if_no_path"),
-    "dm_message message": lambda h: body(storage.dm_message)("vol", h),
-    "dm_message path": lambda h: body(storage.dm_message)("vol", "fail_path", h),
-    "dm_status": lambda h: body(storage.dm_status)(h),
-    "dm_remove": lambda h: body(storage.dm_remove)(h),
+    "dm_create name": lambda h: body(dmsetup.dm_create)(h, 2048, ["259:0"]),
+    "dm_create path": lambda h: body(dmsetup.dm_create)("vol", 2048, [h]),
+    "dm_reload name": lambda h: body(dmsetup.dm_reload)(h, 2048, ["259:0"]),
+    "dm_reload path": lambda h: body(dmsetup.dm_reload)("vol", 2048, [h]),
+    "dm_message name": lambda h: body(dmsetup.dm_message)(h, "fail_if_no_path"),
+    "dm_message message": lambda h: body(dmsetup.dm_message)("vol", h),
+    "dm_message path": lambda h: body(dmsetup.dm_message)("vol", "fail_path", h),
+    "dm_status": lambda h: body(dmsetup.dm_status)(h),
+    "dm_remove": lambda h: body(dmsetup.dm_remove)(h),
 }
 
 

@@ -141,19 +141,19 @@ def test_host_identity_falls_back_to_machine_id(tmp_path):
 
 
 def test_multipath_table_is_built_from_validated_parts():
-    from nvmeof_mp.privileged import storage
-    table = storage.multipath_table(131072, ["259:0", "259:1"])
+    from nvmeof_mp.privileged import dmsetup
+    table = dmsetup.multipath_table(131072, ["259:0", "259:1"])
     assert table == ("0 131072 multipath 3 queue_if_no_path queue_mode bio 0 1 1 "
                      "round-robin 0 2 1 259:0 1 259:1 1")
     with pytest.raises(PrivilegedArgumentError):
-        storage.multipath_table(8, ["259:0 1 0 linear /dev/sda"])
+        dmsetup.multipath_table(8, ["259:0 1 0 linear /dev/sda"])
 
 
 def test_multipath_status_parsing():
-    from nvmeof_mp.privileged import storage
+    from nvmeof_mp.privileged import dmsetup
     # dmsetup status of a 2-path map with one path failed (lab capture form)
     text = "0 131072 multipath 2 0 0 0 1 1 A 0 2 1 259:0 F 1 259:1 A 0"
-    assert storage.parse_multipath_status(text) == {"259:0": "F", "259:1": "A"}
+    assert dmsetup.parse_multipath_status(text) == {"259:0": "F", "259:1": "A"}
 
 
 def test_mdadm_create_takes_every_leg_and_forces_one_disk():

@@ -311,14 +311,17 @@ class NVMeOFConnector:
         """Heal every volume of the registry (``nvmeof-mp heal --all``, the heal timer), and
         finish or roll back what crashed processes left.  A volume with DH-HMAC-CHAP secrets
         is healed only by root (its secrets are readable by root only).  Returns one entry
-        per record: {'key', 'volume', 'action', 'verdicts'}."""
+        per record: {'key', 'volume', 'action', 'verdicts', 'degraded', 'left_out'}
+        (``left_out``: the replicas md or dm keeps out although their paths are back, as
+        ``check_paths`` reports them)."""
         from nvmeof_mp import recovery
         from nvmeof_mp import registry as reg
         self.registry.ensure_boot()
         out = []
         for record in self.registry.records():
             key = record["key"]
-            entry = {"key": key, "volume": record.get("describe"), "verdicts": []}
+            entry = {"key": key, "volume": record.get("describe"), "verdicts": [],
+                     "degraded": False, "left_out": []}
             out.append(entry)
             if self.registry.interrupted(record):
                 entry["action"] = recovery.recover(self, record)
@@ -340,6 +343,8 @@ class NVMeOFConnector:
                 continue
             entry["verdicts"] = [r["verdict"] for r in result["after"]]
             entry["action"] = "healed" if result["healed"] else "checked"
+            entry["degraded"] = bool(result.get("degraded"))
+            entry["left_out"] = list(result.get("left_out") or ())
         return out
 
     def attachments(self):

@@ -14,11 +14,11 @@ import json
 import os
 import re
 import struct
-import subprocess
 
 from nvmeof_mp import connection
 from nvmeof_mp import privileged
 from nvmeof_mp.privileged import host
+from nvmeof_mp.privileged import tools
 from nvmeof_mp import threads
 from nvmeof_mp.exception import InvalidConnectionInfo, PrivilegedArgumentError
 
@@ -27,6 +27,8 @@ SYS_CLASS_NVME = "/sys/class/nvme"
 SYS_CLASS_NET = "/sys/class/net"
 _CTRL_RE = re.compile(r"^nvme\d{1,5}$")
 _HOSTID_RE = re.compile(r"^[0-9a-fA-F-]{32,36}$")
+#: seconds an ``nvme connect`` may take (connect_method = nvme-cli)
+CLI_TIMEOUT = 120
 TUNABLE_ATTRS = ("ctrl_loss_tmo", "reconnect_delay", "fast_io_fail_tmo")
 # nvme-cli spells "already connected" in several ways across versions (1.x: exit 114 or 70,
 # 2.x: exit 1 and a message, sometimes with a typo).
@@ -218,13 +220,13 @@ def nvme_cli_argv(opts):
 
 
 def _connect_cli(opts):
-    try:
-        proc = subprocess.run(nvme_cli_argv(opts), capture_output=True, text=True, timeout=120)
-    except FileNotFoundError:
+    argv = nvme_cli_argv(opts)
+    proc = tools.run(argv, timeout=CLI_TIMEOUT)
+    if proc.missing:
         return {"error": "nvme-cli is not installed", "errno": errnolib.ENOENT, "already": False}
-    except subprocess.TimeoutExpired:
-        return {"error": "nvme connect timed out", "errno": errnolib.ETIMEDOUT,
-                "already": False}
+    if proc.timed_out:
+        return {"error": tools.describe_timeout(argv, proc, CLI_TIMEOUT),
+                "errno": errnolib.ETIMEDOUT, "already": False}
     text = (proc.stdout + proc.stderr).strip()
     if proc.returncode != 0:
         already = proc.returncode in _ALREADY_EXITS or any(t in text.lower()

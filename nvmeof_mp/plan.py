@@ -34,9 +34,6 @@ class ConnectPlan:
     all_portals: bool
     rescan: tuple[str, ...]
 
-    @property
-    def nothing_to_connect(self):
-        return not self.connect
 
 
 def controller_matches(ctrl: Controller, nqn: str, portal: Portal, host_nqn: str | None):
@@ -213,7 +210,6 @@ def plan_release(target: Target, snapshot: Snapshot, host_nqn, users=(), adopted
     return Release(ns, ctrls, () if keep else ctrls, keep, check if not keep else ())
 
 
-TUNABLE = ("ctrl_loss_tmo", "reconnect_delay", "fast_io_fail_tmo")
 INFINITE = float("inf")
 
 

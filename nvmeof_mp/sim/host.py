@@ -224,16 +224,6 @@ class SimHost(SimStorage, SimInUse, SimMultipathd, Kernel):
         with self.lock:
             self._delete(name)
 
-    def set_ana(self, nqn, trsvcid, state):
-        with self.lock:
-            p = self.portal(nqn, trsvcid)
-            p.ana = state
-            for c in self._ctrls_on(p, nqn):
-                for nsid in c.namespaces:
-                    path = self._path_dir(c, nsid)
-                    if path:
-                        _write(os.path.join(path, "ana_state"), state)
-
     def _ctrls_on(self, portal, nqn):
         return [c for c in self.ctrls.values() if c.nqn == nqn and c.portal is portal]
 

@@ -24,5 +24,10 @@ DM_NAME = _NAME_START + r"[A-Za-z0-9_.:-]{0,127}"
 #: controller timeouts an attach may change on a live controller (sysfs attributes)
 TUNABLE_ATTRS = ("ctrl_loss_tmo", "reconnect_delay", "fast_io_fail_tmo")
 
+#: an md array's kernel name (``md127``)
+MD_DEVICE = r"md\d{1,5}"
+
+#: the attachment registry, below a root (``/`` on a host)
+STATE_DIR = "var/lib/nvmeof_mp"
 #: where the daemon keeps the system UUID it read as root (DMI is root-only on some hosts)
 SYSTEM_UUID_CACHE = "/run/nvmeof_mp/system-uuid"

@@ -9,6 +9,8 @@ import subprocess
 import threading
 from pathlib import Path
 
+from nvmeof_mp.names import STATE_DIR
+
 from . import multipath
 
 
@@ -128,7 +130,7 @@ def cleanup_initiator():
     return done
 
 
-REGISTRY = "/var/lib/nvmeof_mp"
+REGISTRY = "/" + STATE_DIR
 SCRATCH_MOUNT = "/run/nvmeof-lab/scratch"
 
 

@@ -17,8 +17,8 @@ from nvmeof_mp.exception import PrivilegedArgumentError
 NVME_ETC = "/etc/nvme"
 _BLKFLSBUF = 0x1261
 # Only our own kinds of block devices may be flushed.
-_DEVICE_RE = re.compile(r"^/dev/(%s|md\d+|md/%s|dm-\d+|mapper/%s)$" % (
-    names.NAMESPACE, names.MD_NAME, names.DM_NAME))
+_DEVICE_RE = re.compile(r"^/dev/(%s|%s|md/%s|dm-\d+|mapper/%s)$" % (
+    names.NAMESPACE, names.MD_DEVICE, names.MD_NAME, names.DM_NAME))
 
 
 def system_uuid_sources(root="/"):

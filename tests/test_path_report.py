@@ -48,3 +48,18 @@ def test_a_subsystem_without_the_namespace_reports_every_controller():
     snap, subsys, _ = snapshot(True)
     assert [p.controller for p in plan.path_report(None, snap, NQN)] == [
         p["controller"] for p in status.namespace_status(subsys, None)["paths"]]
+
+
+def test_a_path_the_kernel_has_not_scanned_yet_does_not_make_the_attach_degraded():
+    """The attach waits for one usable path, not for every scan: a portal with a live
+    controller whose namespace path is not there yet is on its way, not missing."""
+    from nvmeof_mp.attach import TargetAttachment
+    from nvmeof_mp.connection import parse
+    from simlab import conninfo
+    target = parse(conninfo(nqn=NQN)).targets[0]
+    snap, _, ns = snapshot(True)
+    first_only = tuple(p for p in plan.path_report(ns, snap, NQN) if p.controller == "nvme0")
+    both = frozenset({str(target.portals[0]), str(target.portals[1])})
+    assert not TargetAttachment(target, ns, (), (), first_only, True, both).degraded
+    assert TargetAttachment(target, ns, (), (), first_only, True,
+                            frozenset({str(target.portals[0])})).degraded

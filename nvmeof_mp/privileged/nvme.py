@@ -19,17 +19,17 @@ from nvmeof_mp import connection
 from nvmeof_mp import privileged
 from nvmeof_mp.privileged import host
 from nvmeof_mp.privileged import tools
-from nvmeof_mp import threads
+from nvmeof_mp import names, threads
+from nvmeof_mp.names import TUNABLE_ATTRS
 from nvmeof_mp.exception import InvalidConnectionInfo, PrivilegedArgumentError
 
 FABRICS_DEV = "/dev/nvme-fabrics"
 SYS_CLASS_NVME = "/sys/class/nvme"
 SYS_CLASS_NET = "/sys/class/net"
-_CTRL_RE = re.compile(r"^nvme\d{1,5}$")
+_CTRL_RE = re.compile("^%s$" % names.CONTROLLER)
 _HOSTID_RE = re.compile(r"^[0-9a-fA-F-]{32,36}$")
 #: seconds an ``nvme connect`` may take (connect_method = nvme-cli)
 CLI_TIMEOUT = 120
-TUNABLE_ATTRS = ("ctrl_loss_tmo", "reconnect_delay", "fast_io_fail_tmo")
 # nvme-cli spells "already connected" in several ways across versions (1.x: exit 114 or 70,
 # 2.x: exit 1 and a message, sometimes with a typo).
 _ALREADY_EXITS = (114, 70)
@@ -237,7 +237,7 @@ def _connect_cli(opts):
     try:
         ctrl = json.loads(proc.stdout).get("device")
     except ValueError:
-        m = re.search(r"\b(nvme\d+)\b", text)
+        m = re.search(r"\b(%s)\b" % names.CONTROLLER, text)
         ctrl = m.group(1) if m else None
     if ctrl and opts.get("fast_io_fail_tmo") is not None:
         # nvme-cli 2.3 has no option for it; the kernel takes it through sysfs
@@ -310,7 +310,7 @@ def _write_sysfs(name, attr, value):
 
 # -- Identify Namespace: the size the target reports now (extend_volume) ----------------------
 
-_NS_DEVICE_RE = re.compile(r"^/dev/nvme\d{1,5}n\d{1,5}$")
+_NS_DEVICE_RE = re.compile("^/dev/%s$" % names.NAMESPACE)
 NVME_IOCTL_ID = 0x4E40                 # _IO('N', 0x40): the namespace ID of a block device
 NVME_IOCTL_ADMIN_CMD = 0xC0484E41      # _IOWR('N', 0x41, struct nvme_passthru_cmd), 72 bytes
 _PASSTHRU = struct.Struct("<BBHIIIQQII6III")

@@ -169,7 +169,7 @@ def pytest_configure(config):
                             "and runs in the user pass only")
     if IN_LAB and os.environ.get("NVMEOF_MP_CINDER_PYTHON") and cinder_selected(config):
         # Cinder's imports take a minute and more under TCG: overlap them with collection
-        from nvmeof_mp.lab.target import TargetClient, TargetError
+        from nvmeof_mp.lab.agent import TargetClient, TargetError
         try:
             TargetClient().cinder("start")
         except (OSError, TargetError) as exc:     # the cinder tests fail with it, not the gate
@@ -216,7 +216,7 @@ def pytest_runtest_logreport(report):
 
 @pytest.fixture
 def target():
-    from nvmeof_mp.lab.target import TargetClient
+    from nvmeof_mp.lab.agent import TargetClient
     client = TargetClient()
     client.teardown()
     client.clear_registry()     # records a test without ``no_leftovers`` left would hold refs
@@ -252,7 +252,7 @@ def no_leftovers():
     dms = [d for d in os.listdir("/sys/block") if d.startswith("dm-")]
     records = sorted(os.listdir(REGISTRY_VOLUMES)) if os.path.isdir(REGISTRY_VOLUMES) else []
     if left or mds or dms or records:
-        from nvmeof_mp.lab.target import TargetClient
+        from nvmeof_mp.lab.agent import TargetClient
         TargetClient().cleanup_initiator()
         TargetClient().clear_registry()
     assert (left, mds, dms, records) == ([], [], [], []), "left behind: %s %s %s %s" % (

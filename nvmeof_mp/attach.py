@@ -47,6 +47,9 @@ class TargetAttachment:
     failures: tuple[PortalConnectError, ...]
     paths: tuple[planner.PathReport, ...]
     all_portals: bool = True        # False: one path was asked for (single path)
+    #: portals with a live controller of this host NQN: a path whose namespace the kernel
+    #: has not scanned yet is on its way (the attach does not wait for it), not missing
+    live_portals: frozenset = frozenset()
 
     @property
     def device(self):
@@ -56,11 +59,10 @@ class TargetAttachment:
     def degraded(self):
         """Fewer paths than asked for: every portal (native multipath), or one live path
         (single path: the other portals are spares, not missing paths)."""
-        live = {p.portal for p in self.paths if p.state == "live"}
         if not self.all_portals:
-            return not live
+            return not any(p.state == "live" for p in self.paths)
         wanted = {str(p) for p in self.target.portals}
-        return bool(self.failures) or not wanted <= live
+        return bool(self.failures) or not wanted <= self.live_portals
 
     def summary(self):
         return ", ".join("%s %s%s" % (p.portal, p.state, "/" + p.ana_state if p.ana_state else "")
@@ -216,7 +218,10 @@ class Attacher:
         return TargetAttachment(
             target, ns, tuple(progress.created), tuple(f for f in failures
                                                        if not isinstance(f, AlreadyConnected)),
-            planner.path_report(ns, snap, target.nqn), plan.all_portals)
+            planner.path_report(ns, snap, target.nqn), plan.all_portals,
+            frozenset(str(p) for p in target.portals
+                      if any(c.live and planner.controller_matches(c, target.nqn, p, host_nqn)
+                             for c in snap.controllers(target.nqn))))
 
     def _undo(self, before, plan, host_nqn, progress):
         """Delete what a failed attach created; never raises (the attach's error matters)."""

@@ -79,6 +79,11 @@ def cmd_paths(args):
     return 0 if all(r["verdict"] == status.HEALTHY for r in reports) else 1
 
 
+def _print_left_out(report):
+    for leg in report.get("left_out") or ():
+        print("still degraded: %s is kept out: %s" % (leg["nqn"], leg["error"]))
+
+
 def cmd_heal(args):
     if args.all == bool(args.conninfo):
         print("heal: give CONNINFO.json or --all", file=sys.stderr)
@@ -91,10 +96,11 @@ def cmd_heal(args):
             for e in entries:
                 print("%s: %s%s" % (e["volume"], e["action"], " (%s)" % ",".join(
                     e["verdicts"]) if e["verdicts"] else ""))
+                _print_left_out(e)
             if not entries:
                 print("no attachment registered on this host")
         return 0 if all(e["verdicts"] and set(e["verdicts"]) == {"healthy"}
-                        for e in entries) else 1
+                        and not e.get("degraded") for e in entries) else 1
     result = _connector(args).check_paths(_load(args.conninfo))
     if args.json:
         _emit(args, result)
@@ -103,8 +109,7 @@ def cmd_heal(args):
         if not result["attached"]:
             print("not attached: nothing to heal")
         print("\n".join(status.format_text(r) for r in result["after"]))
-        for leg in result.get("left_out") or ():
-            print("still degraded: %s is kept out: %s" % (leg["nqn"], leg["error"]))
+        _print_left_out(result)
     return 0 if all(r["verdict"] == "healthy" for r in result["after"]) and not result.get(
         "degraded") else 1
 

@@ -24,6 +24,7 @@ import uuid as uuidlib
 from collections.abc import Mapping
 from typing import Any
 
+from nvmeof_mp import names
 from nvmeof_mp.exception import InvalidConnectionInfo
 
 # NQNs are taken as real targets name them (Cinder's nvmet helper makes
@@ -37,7 +38,7 @@ NQN_MAX_BYTES = 223
 _SCOPE_RE = re.compile(r"^(?:[A-Za-z0-9_.-]{1,15}|\d{1,10})$")
 # An md alias as Cinder drivers send it (KumoScale: "volume-<uuid>", 43 characters): md's
 # 32-byte name limit is handled by ``raid.md_name``, not refused here.
-_ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
+_ALIAS_RE = re.compile("^%s$" % names.VOLUME_ALIAS)
 _SECRET_RE = re.compile(r"^DHHC-1:0[0-3]:[A-Za-z0-9+/=]+:$")
 _TRANSPORTS = {"tcp": "tcp", "rdma": "rdma", "rocev2": "rdma"}
 SECRET_KEYS = ("dhchap_secret", "dhchap_ctrl_secret")

@@ -14,12 +14,12 @@ import re
 import shutil
 import socket
 
+from nvmeof_mp.names import SYSTEM_UUID_CACHE
 from nvmeof_mp.topology import listdir, read_attr
 
 LOG = logging.getLogger(__name__)      # plain logging: ``nvmeof-mp properties`` loads no oslo
 
 
-SYSTEM_UUID_CACHE = "/run/nvmeof_mp/system-uuid"
 
 
 def _valid_uuid(value):

@@ -101,8 +101,8 @@ def _lock(kind, key, lock_path, blocking=True):
     from oslo_concurrency import lockutils
     directory = lock_path or default_lock_path()
     st = _check_dir(directory)
-    name = _name(kind, key)
-    path = os.path.join(directory, name)
+    path = lock_file(kind, key, directory)
+    name = os.path.basename(path)
     if not os.path.exists(path):        # private file (the lock itself opens it for append)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:

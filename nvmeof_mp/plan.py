@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 
 from nvmeof_mp.connection import Portal, Target
-from nvmeof_mp.topology import LIVE, TRANSIENT_STATES, Controller, Namespace, Snapshot
+from nvmeof_mp.topology import (LIVE, TRANSIENT_STATES, Controller, Namespace, Snapshot,
+                                Subsystem)
 
 USABLE_STATES = (LIVE,) + TRANSIENT_STATES
 ANA_PREFERENCE = ("optimized", "non-optimized")
@@ -33,9 +34,6 @@ class ConnectPlan:
     all_portals: bool
     rescan: tuple[str, ...]
 
-    @property
-    def nothing_to_connect(self):
-        return not self.connect
 
 
 def controller_matches(ctrl: Controller, nqn: str, portal: Portal, host_nqn: str | None):
@@ -112,14 +110,36 @@ class PathReport:
                 "ana_state": self.ana_state}
 
 
+def owning_subsystem(snapshot: Snapshot, nqn: str, ns: Namespace | None) -> Subsystem | None:
+    """The subsystem that holds ``ns`` (with no namespace: the first one of ``nqn``)."""
+    subsystems = snapshot.for_nqn(nqn)
+    return next((s for s in subsystems if ns is not None and s.name == ns.subsystem),
+                subsystems[0] if subsystems else None)
+
+
+def namespace_paths(subsys: Subsystem | None, ns: Namespace | None):
+    """The paths of ``ns``: ``(controller, ANA state of ns there)`` for each controller of its
+    subsystem that carries it; with no namespace, every controller of ``subsys``.
+
+    The one answer to "which paths has this volume": the attach result, get_path_status and
+    the CLI's ``paths`` and ``status`` all report these.  A controller of the subsystem that
+    does not carry the namespace (one of another host NQN the namespace is not exposed to,
+    one being deleted, one with native multipath off that shows its own copy) is no path of
+    it.
+    """
+    if subsys is None:
+        return ()
+    if ns is None:
+        return tuple((c, None) for c in subsys.controllers)
+    ana = {p.controller: p.ana_state for p in ns.paths}
+    carried = ns.controllers()
+    return tuple((c, ana.get(c.name)) for c in subsys.controllers if c.name in carried)
+
+
 def path_report(ns: Namespace | None, snapshot: Snapshot, nqn: str):
-    """One entry per controller of the subsystem, with the ANA state of ``ns`` on it."""
-    ana = {p.controller: p.ana_state for p in ns.paths} if ns else {}
-    reports = []
-    for ctrl in snapshot.controllers(nqn):
-        reports.append(PathReport(ctrl.name, str(ctrl.portal) if ctrl.portal else None,
-                                  ctrl.state, ana.get(ctrl.name)))
-    return tuple(reports)
+    """:func:`namespace_paths` of ``ns`` as :class:`PathReport` entries."""
+    return tuple(PathReport(c.name, str(c.portal) if c.portal else None, c.state, ana)
+                 for c, ana in namespace_paths(owning_subsystem(snapshot, nqn, ns), ns))
 
 
 def accessible(ana_state):
@@ -190,7 +210,6 @@ def plan_release(target: Target, snapshot: Snapshot, host_nqn, users=(), adopted
     return Release(ns, ctrls, () if keep else ctrls, keep, check if not keep else ())
 
 
-TUNABLE = ("ctrl_loss_tmo", "reconnect_delay", "fast_io_fail_tmo")
 INFINITE = float("inf")
 
 

@@ -10,16 +10,12 @@ HEALTHY, DEGRADED, DOWN = "healthy", "degraded", "down"
 
 def namespace_status(subsys: Subsystem, ns: Namespace | None, expected_portals=()):
     """A JSON-able report of one namespace (or of a subsystem whose namespace is missing)."""
-    ana = {p.controller: p.ana_state for p in ns.paths} if ns else {}
-    paths = []
-    for c in subsys.controllers:
-        if ns is not None and c.name not in ns.controllers():
-            continue
-        paths.append({"controller": c.name, "transport": c.transport,
-                      "portal": str(c.portal) if c.portal else None, "state": c.state,
-                      "ana_state": ana.get(c.name), "ctrl_loss_tmo": c.ctrl_loss_tmo,
-                      "reconnect_delay": c.reconnect_delay,
-                      "fast_io_fail_tmo": c.fast_io_fail_tmo, "kato": c.kato})
+    paths = [{"controller": c.name, "transport": c.transport,
+              "portal": str(c.portal) if c.portal else None, "state": c.state,
+              "ana_state": ana, "ctrl_loss_tmo": c.ctrl_loss_tmo,
+              "reconnect_delay": c.reconnect_delay, "fast_io_fail_tmo": c.fast_io_fail_tmo,
+              "kato": c.kato}
+             for c, ana in planner.namespace_paths(subsys, ns)]
     present = {p["portal"] for p in paths}
     missing = [str(p) for p in expected_portals if str(p) not in present]
     usable = [p for p in paths if p["state"] == "live" and planner.accessible(p["ana_state"])]
@@ -45,11 +41,10 @@ def device_status(snapshot: Snapshot, device: str):
 
 def target_status(snapshot: Snapshot, target):
     ns = planner.find_namespace(target, snapshot)
-    subsystems = snapshot.for_nqn(target.nqn)
-    if not subsystems:
+    subsys = planner.owning_subsystem(snapshot, target.nqn, ns)
+    if subsys is None:
         return {"device": None, "nqn": target.nqn, "paths": [], "verdict": DOWN,
                 "missing_portals": [str(p) for p in target.portals]}
-    subsys = next((s for s in subsystems if ns and ns.subsystem == s.name), subsystems[0])
     return namespace_status(subsys, ns, target.portals)
 
 

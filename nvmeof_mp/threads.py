@@ -1,8 +1,10 @@
 """Process-wide thread pools, made on first use.
 
 Starting threads is not free (under emulation two cost ~10 ms, a fifth of an attach's CPU), so
-concurrent portal connects reuse the threads of one pool per purpose instead of making a pool
-per call.  Tasks submitted here must not wait on tasks of the same pool.
+concurrent work reuses the threads of one pool per purpose (``connect``, ``replicas``,
+``extend``...) instead of making a pool per call: use :func:`map_concurrently`.  A task may
+wait on the tasks of another pool (a replica's attach waits on its portal connects), never on
+those of its own pool.
 """
 
 from __future__ import annotations

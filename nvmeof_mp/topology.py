@@ -22,11 +22,12 @@ import os
 import re
 from typing import Iterable
 
+from nvmeof_mp import names
 from nvmeof_mp.connection import Portal
 
-_CTRL_RE = re.compile(r"^nvme(\d+)$")
-_HEAD_RE = re.compile(r"^nvme(\d+)n(\d+)$")
-_PATH_RE = re.compile(r"^nvme(\d+)c(\d+)n(\d+)$")
+_CTRL_RE = re.compile("^%s$" % names.CONTROLLER)
+_HEAD_RE = re.compile("^%s$" % names.NAMESPACE)
+_PATH_RE = re.compile("^%s$" % names.NAMESPACE_PATH)
 LIVE = "live"
 TRANSIENT_STATES = ("new", "connecting", "resetting")
 SECTOR = 512
@@ -108,11 +109,6 @@ class Subsystem:
     controllers: tuple[Controller, ...]
     namespaces: tuple[Namespace, ...]
 
-    def controller(self, name):
-        for c in self.controllers:
-            if c.name == name:
-                return c
-        return None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ import pytest
 from nvmeof_mp import plan as planner
 from nvmeof_mp.exception import TargetUnreachable, VolumeDeviceNotFound
 from nvmeof_mp.policy import TimeoutPolicy
-from nvmeof_mp.sim.host import HOST_ID
+from nvmeof_mp.sim import HOST_ID
 
 from simlab import NQN, P1, P2, UUID, UUID2, conninfo
 

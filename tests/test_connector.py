@@ -8,7 +8,7 @@ import pytest
 from nvmeof_mp.exception import (InvalidConnectionInfo, NVMeOFError, TargetUnreachable,
                                  VolumeDeviceNotFound)
 from nvmeof_mp.sim import SimNamespace
-from nvmeof_mp.sim.host import HOST_NQN
+from nvmeof_mp.sim import HOST_NQN
 
 from simlab import NQN, P1, UUID, UUID2, conninfo
 

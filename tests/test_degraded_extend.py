@@ -108,3 +108,22 @@ def test_heal_that_leaves_a_raid_leg_out_says_so(two, tmp_path, monkeypatch, cap
     monkeypatch.setattr(cli, "_connector", lambda args: two.connector)
     assert cli.main(["heal", str(path)]) == 1
     assert "still degraded" in capsys.readouterr().out
+
+
+def test_heal_all_that_leaves_a_replica_out_says_so(two, monkeypatch, capsys):  # noqa: F811
+    """``heal --all`` (the heal timer) over a volume whose every NVMe path is back but one
+    replica is kept out (dm: smaller than the map grown without it): the entry says
+    degraded and names the replica, and the command exits 1 - a timer's log must not read
+    "healed (healthy)" while the volume has one copy."""
+    from nvmeof_mp import cli
+    two.sim.portal(NQB, 4421).mode = "refuse"
+    two.connector.connect_volume(dm_info())
+    two.sim.resize(NQA, 1, GROWN)
+    two.connector.extend_volume(dm_info())
+    two.sim.portal(NQB, 4421).mode = "up"
+    [entry] = two.connector.heal_all()
+    assert entry["degraded"] and [leg["nqn"] for leg in entry["left_out"]] == [NQB], entry
+    monkeypatch.setattr(cli, "_connector", lambda args: two.connector)
+    assert cli.main(["heal", "--all"]) == 1
+    out = capsys.readouterr().out
+    assert "still degraded" in out and NQB in out, out

@@ -88,6 +88,7 @@ def acted(monkeypatch):
             raise AssertionError("reached the kernel: %s %r" % (what, args))
         return fn
     monkeypatch.setattr(subprocess, "run", record("subprocess"))
+    monkeypatch.setattr(subprocess, "Popen", record("subprocess"))
     monkeypatch.setattr(nvme, "_write_sysfs", record("sysfs write"))
     monkeypatch.setattr(nvme, "_connect_fabrics", record("/dev/nvme-fabrics"))
     monkeypatch.setattr(nvme, "_connect_cli", record("nvme-cli"))

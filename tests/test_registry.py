@@ -12,7 +12,7 @@ from nvmeof_mp import connection
 from nvmeof_mp import registry as reg
 from nvmeof_mp.exception import NVMeOFError, PrivilegedArgumentError
 from nvmeof_mp.privileged import registry as store
-from nvmeof_mp.sim.host import HOST_NQN
+from nvmeof_mp.sim import HOST_NQN
 
 from simlab import NQN, P1, UUID, UUID2, conninfo
 

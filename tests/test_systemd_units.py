@@ -9,6 +9,7 @@ The runner is exercised with stand-in commands: periodic runs, no overlap, timeo
 import itertools
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -364,3 +365,46 @@ def test_exec_start_prefixes_and_expansions_are_refused(tmp_path, exec_start):
     units = write_units(tmp_path / "units", exec_start)
     with pytest.raises(timer.UnitError):
         timer.load(str(units))
+
+
+# ---------------------------------------------------------------- the udev rule
+
+
+RULES = os.path.join(os.path.dirname(UNITS), "udev", "rules.d")
+
+
+def test_the_udev_rule_starts_the_heal_service_on_a_failed_path_of_our_maps_only():
+    from nvmeof_mp.privileged.dmsetup import DM_UUID_PREFIX
+    text = open(os.path.join(RULES, timer.UDEV_RULE)).read()
+    [rule] = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    keys = dict(re.findall(r'(\S+?)(?:==|\+=)"([^"]*)"', rule))
+    assert keys == {"ACTION": "change", "SUBSYSTEM": "block",
+                    "ENV{DM_ACTION}": "PATH_FAILED", "ENV{DM_UUID}": DM_UUID_PREFIX + "*",
+                    "RUN": "/bin/systemctl --no-block start " + SERVICE}
+    assert os.path.exists(os.path.join(UNITS, SERVICE))
+
+
+def test_the_lab_copy_of_the_rule_changes_its_action_only(tmp_path):
+    shipped = open(os.path.join(RULES, timer.UDEV_RULE)).read()
+    lab = timer.udev_rule("/run/x/start-heal")
+    assert lab.replace('RUN+="/bin/touch /run/x/start-heal"', timer.SYSTEMCTL_START) in shipped
+    (tmp_path / timer.UDEV_RULE).write_text('ACTION=="change", RUN+="/bin/rm -rf /"\n')
+    with pytest.raises(timer.UnitError):
+        timer.udev_rule("/run/x/start-heal", rules_dir=tmp_path)
+
+
+def test_a_start_request_runs_a_heal_now_and_joins_a_running_one(tmp_path):
+    rec = tmp_path / "runs.txt"
+    units = write_units(tmp_path / "units", py_stand_in(tmp_path, RECORDER) + f" {rec} 0.5")
+    trigger = tmp_path / "start-heal"
+    with timer.running(str(units), period_override=3600, first_delay=3600,
+                       log=str(tmp_path / "log"), trigger=str(trigger)) as runner:
+        trigger.touch()
+        assert runner.wait_until_busy(DEADLINE)
+        trigger.touch()                         # while it runs: joins, starts nothing more
+        runs = runner.wait_for_runs(1, timeout=DEADLINE)
+        time.sleep(0.5)
+        assert len(runner.runs) == 1 and runs[0].returncode == 0
+        assert not trigger.exists()
+    text = (tmp_path / "log").read_text()
+    assert "start-heal (udev): heal now" in text and "joins the running heal" in text

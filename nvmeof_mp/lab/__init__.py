@@ -7,7 +7,9 @@ the project's checkout, its virtualenv and the host's nvme-cli/mdadm/multipath-t
 used unchanged inside the guest.
 
 Host side: :mod:`nvmeof_mp.lab.vm` (tools, kernel, ``run_in_vm``).
-Guest side (root, stdlib only): :mod:`nvmeof_mp.lab.target`, :mod:`nvmeof_mp.lab.guest`.
+Guest side (root, stdlib only): :mod:`nvmeof_mp.lab.target` (nvmet configfs),
+:mod:`nvmeof_mp.lab.agent` (its socket agent and client), :mod:`nvmeof_mp.lab.initiator` and
+:mod:`nvmeof_mp.lab.multipath` (the initiator side as root), :mod:`nvmeof_mp.lab.guest`.
 Command line: ``python -m nvmeof_mp.lab {prepare,shell,smoke,guest-run}``.
 """
 

@@ -30,7 +30,8 @@ def show_paths(reader, target):
 def main():
     from nvmeof_mp import connection
     from nvmeof_mp.connector import NVMeOFConnector
-    from nvmeof_mp.lab.target import TargetClient, two_path_volume
+    from nvmeof_mp.lab.agent import TargetClient
+    from nvmeof_mp.lab.target import two_path_volume
     from nvmeof_mp.lab.workload import Writer, verify, wait_for
     from nvmeof_mp.topology import SysfsReader
 

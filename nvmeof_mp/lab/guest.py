@@ -16,7 +16,8 @@ import sys
 import time
 
 from . import LAB_USER
-from .target import Target, TargetAgent, two_path_volume
+from .agent import TargetAgent
+from .target import Target, two_path_volume
 
 DEFAULT_SOCK = "/run/nvmeof-lab/target.sock"
 
@@ -181,7 +182,7 @@ def smoke() -> int:
         with steps.step("root helper runs rootwrap (informational)", required=False):
             _sh([*helper.split(), "privsep-helper", "--help"], user=True, check=False, lines=1)
         with steps.step(f"{lab_user()} reaches the target agent (python startup in guest)"):
-            _sh([py, "-c", "from nvmeof_mp.lab.target import TargetClient as C; "
+            _sh([py, "-c", "from nvmeof_mp.lab.agent import TargetClient as C; "
                  "print(C().state())"], user=True)
         for svc in (4420, 4421):
             with steps.step(f"nvme connect port {svc}"):

@@ -256,11 +256,6 @@ def companion_packages(depends_out: str, image: str) -> list[str]:
     return sorted({n for n in found if n.split("-", 2)[2] == suffix})
 
 
-def kernel_package(version: str = DEFAULT_VERSION) -> str:
-    """Name of the concrete kernel package apt offers now (``linux-image-X-amd64``)."""
-    return AptSource(version).resolve()[0]
-
-
 def _cached(base: Path, version: str) -> Kernel | None:
     """Newest ready kernel of ``version`` in the cache: a cached run needs neither apt nor
     network."""

@@ -1,9 +1,11 @@
-"""nvmet (kernel NVMe-oF target) driven through configfs, plus a socket agent (guest side).
+"""nvmet (kernel NVMe-oF target) driven through configfs (guest side).
 
 Runs as root inside the lab VM; stdlib only so it starts fast under TCG.  Tests that run
 the connector as the unprivileged lab user cannot write configfs, so the root process
-starts :class:`TargetAgent` and the tests drive the target with :class:`TargetClient`
-(socket path in ``$NVMEOF_MP_TARGET_SOCK``).
+starts :class:`.agent.TargetAgent` and the tests drive the target with
+:class:`.agent.TargetClient` (socket path in ``$NVMEOF_MP_TARGET_SOCK``).  What the agent
+also does on the initiator side (multipathd, dm, md, the registry, Cinder) is
+:mod:`.initiator`.
 
 Kernel facts this encodes (nvmet, Linux 6.1):
 - a tmpfs-backed namespace needs ``buffered_io=1`` before ``enable`` (no O_DIRECT on tmpfs);
@@ -14,15 +16,12 @@ Kernel facts this encodes (nvmet, Linux 6.1):
 - rdma ports (``trtype="rdma"``) need soft-RoCE on a non-loopback address: :meth:`Target.rdma`.
 """
 
-import json
 import os
-import shutil
 import re
-import socket
-import socketserver
 import subprocess
-import threading
 from pathlib import Path
+
+from .initiator import InitiatorOps, write_attr as _write
 
 CONFIGFS = Path("/sys/kernel/config/nvmet")
 #: what ``Target.rdma`` found, once per VM (the rxe link outlives a Target)
@@ -30,11 +29,7 @@ _RDMA = None
 ANA_STATES = ("optimized", "non-optimized", "inaccessible", "persistent-loss", "change")
 
 
-def _write(path: Path, value) -> None:
-    path.write_text(f"{value}\n")
-
-
-class Target:
+class Target(InitiatorOps):
     """Model of one nvmet configuration; ``teardown()`` removes what this object created."""
 
     def __init__(self, root: Path = CONFIGFS, backing_dir: str = "/run/nvmeof-lab"):
@@ -261,36 +256,6 @@ class Target:
                 "ana": {g.name: (g / "ana_state").read_text().strip()
                         for g in (port / "ana_groups").iterdir()}}
 
-    # -- multipathd alongside (tests/gate/test_gate_multipathd.py) ---------------------------
-    def start_multipathd(self, greedy: bool = False, dropin: bool = False) -> str:
-        """multipathd with Debian's default configuration (no /etc/multipath.conf), or with
-        ``find_multipaths greedy``; with ``dropin`` the project's multipath drop-in
-        (etc/multipath/conf.d) installed too.  Returns its version line."""
-        return start_multipathd(greedy, dropin)
-
-    def stop_multipathd(self) -> None:
-        stop_multipathd()
-
-    def multipathd_show(self, what: str = "maps") -> str:
-        if what not in ("maps", "paths", "config"):
-            raise ValueError(what)
-        return _multipathd("show", what)
-
-    def dm_status(self, name: str) -> dict:
-        """The kernel's view of a dm-multipath map's paths (``dmsetup status``, root only):
-        {"major:minor": "A" or "F"}; {} for a map that does not exist."""
-        return dm_path_states(name)
-
-    def dm_tables(self) -> dict:
-        """Every dm map: name -> {"uuid": .., "table": ..}."""
-        return dm_tables()
-
-    # -- Cinder's LVM driver beside the target (tests/gate/test_gate_cinder.py) ------------
-    def cinder(self, op: str, **kwargs):
-        """``op`` of the Cinder worker (:mod:`.cinder`), started as root on first use."""
-        from . import cinder
-        return cinder.request(op, **kwargs)
-
     # -- inspection / cleanup ---------------------------------------------------------------
     def state(self) -> dict:
         """Snapshot: ports with linked subsystems and ANA states, subsystems with namespaces."""
@@ -314,60 +279,6 @@ class Target:
             from . import rdma
             _RDMA = list(rdma.setup())
         return _RDMA
-
-    def cleanup_initiator(self) -> list:
-        return cleanup_initiator()
-
-    def kill_process(self, pid: int) -> bool:
-        """SIGKILL ``pid`` (a test kills a root privsep daemon it cannot signal itself);
-        False if it was gone already."""
-        return kill_process(pid)
-
-    # "in use by something else" on the initiator, as an operator or another tool makes it
-
-    def mount_scratch(self, device: str) -> str:
-        """mkfs.ext4 on ``device`` and mount it (as by hand); returns the mount point."""
-        if not device.startswith("/dev/nvme"):
-            raise ValueError("not an NVMe device: %s" % device)
-        subprocess.run(["mkfs.ext4", "-q", "-F", device], check=True, capture_output=True)
-        os.makedirs(SCRATCH_MOUNT, exist_ok=True)
-        subprocess.run(["mount", device, SCRATCH_MOUNT], check=True, capture_output=True)
-        return SCRATCH_MOUNT
-
-    def umount_scratch(self) -> None:
-        subprocess.run(["umount", SCRATCH_MOUNT], capture_output=True)
-
-    def hold_exclusive(self, device: str) -> None:
-        """Open ``device`` with O_EXCL and keep it open (as a tool that claims a disk)."""
-        if not device.startswith("/dev/nvme"):
-            raise ValueError("not an NVMe device: %s" % device)
-        self._held.append(os.open(device, os.O_RDONLY | os.O_EXCL))
-
-    def release_exclusive(self) -> None:
-        while self._held:
-            os.close(self._held.pop())
-
-    def clear_registry(self) -> list:
-        """Forget every attachment record (what a failed test left)."""
-        return clear_registry()
-
-    def secret_files(self, needle: str) -> dict:
-        """The registry's secret files (root only): mode, owner and whether each holds
-        ``needle``; the lab user cannot look into that directory itself."""
-        return secret_files(needle)
-
-    def watch_secret(self, *needles: str) -> None:
-        """Start looking for ``needles`` in every process's cmdline and environ, as root,
-        until ``watch_secret_result``."""
-        if getattr(self, "_watch", None) is not None:
-            self._watch.stop()
-        self._watch = SecretWatch(needles)
-
-    def watch_secret_result(self) -> dict:
-        """Stop the watch: {"scans": passes made, "seen": ["<pid> <comm> <file>", ...]}, and
-        whether the kernel log holds a needle."""
-        watch, self._watch = self._watch, None
-        return watch.stop()
 
     def teardown(self) -> None:
         """Remove every port, subsystem and host in dependency order (links first)."""
@@ -400,181 +311,6 @@ class Target:
         self._ana_groups = {1}
 
 
-def cleanup_initiator():
-    """Remove what a failed test left on the initiator side (md arrays, our dm maps, every
-    controller), so one failure does not cascade into the next tests.  Returns what it did."""
-    done = []
-    for md in sorted(d for d in os.listdir("/sys/block") if d.startswith("md")):
-        subprocess.run(["mdadm", "--stop", "/dev/" + md], capture_output=True)
-        done.append(md)
-    for dm in sorted(d for d in os.listdir("/sys/block") if d.startswith("dm-")):
-        name = Path("/sys/block/%s/dm/name" % dm).read_text().strip()
-        subprocess.run(["dmsetup", "message", name, "0", "fail_if_no_path"], capture_output=True)
-        subprocess.run(["dmsetup", "remove", "--retry", name], capture_output=True)
-        done.append(name)
-    for ctrl in sorted(os.listdir("/sys/class/nvme")):
-        try:
-            _write(Path("/sys/class/nvme") / ctrl / "delete_controller", 1)
-            done.append(ctrl)
-        except OSError:
-            pass
-    return done
-
-
-REGISTRY = "/var/lib/nvmeof_mp"
-SCRATCH_MOUNT = "/run/nvmeof-lab/scratch"
-
-
-MULTIPATH_CONF = "/etc/multipath.conf"
-MULTIPATHD_PID = "/run/multipathd.pid"
-
-
-def _multipathd(*args) -> str:
-    return subprocess.run(["multipathd", *args], capture_output=True, text=True,
-                          timeout=30).stdout
-
-
-MULTIPATH_WWIDS = "/etc/multipath/wwids"
-MULTIPATH_BINDINGS = "/etc/multipath/bindings"
-MULTIPATH_DROPIN = "/etc/multipath/conf.d/nvmeof-mp.conf"
-
-
-def start_multipathd(greedy=False, dropin=False):
-    if dropin:
-        from .paths import project_dir
-        os.makedirs(os.path.dirname(MULTIPATH_DROPIN), exist_ok=True)
-        with open(project_dir() / "etc/multipath/conf.d/nvmeof-mp.conf") as src, \
-                open(MULTIPATH_DROPIN, "w") as dst:
-            dst.write(src.read())
-    elif os.path.exists(MULTIPATH_DROPIN):
-        os.unlink(MULTIPATH_DROPIN)
-    if greedy:
-        with open(MULTIPATH_CONF, "w") as f:
-            f.write("defaults {\n    find_multipaths greedy\n}\n")
-    elif os.path.exists(MULTIPATH_CONF):
-        os.unlink(MULTIPATH_CONF)
-    subprocess.run(["modprobe", "dm_multipath"], capture_output=True)
-    subprocess.run(["multipathd"], check=True, capture_output=True, timeout=30)
-    import time
-    end = time.monotonic() + 30
-    while time.monotonic() < end:       # lab helper: the daemon answers on its socket once up
-        out = _multipathd("show", "daemon")
-        if "running" in out or "idle" in out:
-            break
-        time.sleep(0.2)
-    return _multipathd("show", "daemon").strip()
-
-
-def stop_multipathd():
-    subprocess.run(["multipathd", "shutdown"], capture_output=True, timeout=30)
-    import time
-    end = time.monotonic() + 30
-    while time.monotonic() < end and subprocess.run(
-            ["pidof", "multipathd"], capture_output=True).returncode == 0:
-        time.sleep(0.2)
-    # the wwids a greedy multipathd recorded make udev's "multipath -u" mark the same
-    # namespaces as multipath paths in every later test, multipathd or not: the VM goes back
-    # to a host that never ran it
-    for conf in (MULTIPATH_CONF, MULTIPATH_DROPIN, MULTIPATH_WWIDS, MULTIPATH_BINDINGS):
-        if os.path.exists(conf):
-            os.unlink(conf)
-    shutil.rmtree("/run/multipath/find_multipaths", ignore_errors=True)
-
-
-def dm_tables():
-    out = {}
-    for dm in sorted(d for d in os.listdir("/sys/block") if d.startswith("dm-")):
-        name = Path("/sys/block/%s/dm/name" % dm).read_text().strip()
-        uuid = Path("/sys/block/%s/dm/uuid" % dm).read_text().strip()
-        table = subprocess.run(["dmsetup", "table", name], capture_output=True,
-                               text=True).stdout.strip()
-        out[name] = {"uuid": uuid, "table": table, "dev": dm}
-    return out
-
-
-def dm_path_states(name):
-    out = subprocess.run(["dmsetup", "status", name], capture_output=True, text=True).stdout
-    words = out.split()
-    return {w: words[i + 1] for i, w in enumerate(words[:-1])
-            if re.fullmatch(r"\d+:\d+", w) and words[i + 1] in ("A", "F")}
-
-
-def clear_registry():
-    import shutil
-    left = sorted(os.listdir(os.path.join(REGISTRY, "volumes"))) if os.path.isdir(
-        os.path.join(REGISTRY, "volumes")) else []
-    for sub in ("volumes", "refs", "secrets"):
-        shutil.rmtree(os.path.join(REGISTRY, sub), ignore_errors=True)
-    return left
-
-
-def secret_files(needle: str) -> dict:
-    out = {}
-    base = os.path.join(REGISTRY, "secrets")
-    for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
-        path = os.path.join(base, name)
-        st = os.stat(path)
-        with open(path) as f:
-            holds = needle in f.read()
-        out[name] = {"mode": st.st_mode & 0o7777, "uid": st.st_uid, "holds": holds}
-    dir_st = os.stat(base) if os.path.isdir(base) else None
-    return {"dir_mode": dir_st and dir_st.st_mode & 0o7777, "files": out}
-
-
-class SecretWatch:
-    """A thread scanning /proc/*/cmdline and /proc/*/environ for strings, over and over."""
-
-    def __init__(self, needles):
-        self.needles = [n.encode() for n in needles]
-        self.scans = 0
-        self.seen: set = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="secret-watch")
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            for pid in os.listdir("/proc"):
-                if not pid.isdigit() or int(pid) == os.getpid():
-                    continue        # the agent itself holds the needle, in memory only
-                for name in ("cmdline", "environ"):
-                    try:
-                        with open(f"/proc/{pid}/{name}", "rb") as f:
-                            data = f.read()
-                    except OSError:
-                        continue
-                    if any(n in data for n in self.needles):
-                        self.seen.add(f"{pid} {_comm(pid)} {name}")
-            self.scans += 1
-            self._stop.wait(0.002)     # let the attach run on a 2-core TCG guest
-
-    def stop(self) -> dict:
-        self._stop.set()
-        self._thread.join()
-        dmesg = subprocess.run(["dmesg"], capture_output=True).stdout
-        return {"scans": self.scans, "seen": sorted(self.seen),
-                "kernel_log": any(n in dmesg for n in self.needles)}
-
-
-def _comm(pid):
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
-
-
-def kill_process(pid: int) -> bool:
-    pid = int(pid)
-    if pid <= 1 or pid == os.getpid():
-        raise ValueError(f"will not kill pid {pid}")
-    try:
-        os.kill(pid, 9)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def two_path_volume(target, nqn, uuid, size_mb=64):
     """A subsystem with one namespace on ports 4420 (ANA optimized) and 4421 (non-optimized).
 
@@ -587,101 +323,3 @@ def two_path_volume(target, nqn, uuid, size_mb=64):
         target.link(port, nqn)
     target.set_ana_state(1, 1, "optimized")
     target.set_ana_state(2, 1, "non-optimized")
-
-
-# ---------------------------------------------------------------- agent / client
-
-#: Target methods the agent serves.
-AGENT_OPS = ("add_subsystem", "allow_host", "set_host_keys", "auth_supported", "secret_files",
-             "watch_secret", "watch_secret_result", "add_namespace", "resize_namespace",
-             "remove_namespace", "add_port", "link", "unlink", "set_ana_state", "state",
-             "teardown", "cleanup_initiator", "kill_process", "mount_scratch",
-             "umount_scratch", "hold_exclusive", "release_exclusive", "clear_registry",
-             "rdma", "drop_port", "undrop_ports", "stop_subsystem", "start_subsystem",
-             "start_multipathd", "stop_multipathd", "multipathd_show", "dm_tables",
-             "dm_status", "cinder")
-
-
-class TargetAgent:
-    """Root-side JSON-over-unix-socket server so a non-root test can change the target.
-
-    One JSON object per line: ``{"op": ..., "args": [...], "kwargs": {...}}`` ->
-    ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``.
-    """
-
-    def __init__(self, target: Target, sock_path: str, mode: int = 0o666):
-        self.target = target
-        self.sock_path = sock_path
-        self._lock = threading.Lock()
-        agent = self
-
-        class Handler(socketserver.StreamRequestHandler):
-            def handle(self):
-                for line in self.rfile:
-                    reply = agent.dispatch(line)
-                    self.wfile.write(json.dumps(reply).encode() + b"\n")
-
-        if os.path.exists(sock_path):
-            os.unlink(sock_path)
-        os.makedirs(os.path.dirname(sock_path) or ".", exist_ok=True)
-        self.server = socketserver.ThreadingUnixStreamServer(sock_path, Handler)
-        self.server.daemon_threads = True
-        os.chmod(sock_path, mode)
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True,
-                                        name="target-agent")
-
-    def dispatch(self, line: bytes) -> dict:
-        try:
-            req = json.loads(line)
-            if req.get("op") not in AGENT_OPS:
-                raise ValueError(f"unknown op {req.get('op')!r}")
-            with self._lock:
-                result = getattr(self.target, req["op"])(*req.get("args", []),
-                                                         **req.get("kwargs", {}))
-            return {"ok": True, "result": result}
-        except Exception as exc:  # the client re-raises it; the agent keeps serving
-            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-
-    def start(self) -> "TargetAgent":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        if os.path.exists(self.sock_path):
-            os.unlink(self.sock_path)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-
-
-class TargetError(RuntimeError):
-    """A target operation failed in the agent."""
-
-
-class TargetClient:
-    """Same methods as :class:`Target`, forwarded to a :class:`TargetAgent`."""
-
-    def __init__(self, sock_path: str | None = None, timeout: float = 60):
-        self.sock_path = sock_path or os.environ["NVMEOF_MP_TARGET_SOCK"]
-        self.timeout = timeout
-
-    def _call(self, op: str, *args, **kwargs):
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(self.timeout)
-            sock.connect(self.sock_path)
-            sock.sendall(json.dumps({"op": op, "args": args, "kwargs": kwargs}).encode()
-                         + b"\n")
-            reply = json.loads(sock.makefile("rb").readline())
-        if not reply["ok"]:
-            raise TargetError(f"{op}: {reply['error']}")
-        return reply["result"]
-
-    def __getattr__(self, name):
-        if name not in AGENT_OPS:
-            raise AttributeError(name)
-        return lambda *args, **kwargs: self._call(name, *args, **kwargs)

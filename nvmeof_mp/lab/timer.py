@@ -217,6 +217,42 @@ def default_unit_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "etc" / "systemd"
 
 
+#: the shipped udev rule that starts the heal service when dm fails a path of ours
+UDEV_RULE = "69-nvmeof-mp-dm-heal.rules"
+#: its action; the lab has no systemd as PID 1 and replaces it (:func:`udev_rule`)
+SYSTEMCTL_START = 'RUN+="/bin/systemctl --no-block start nvmeof-mp-heal.service"'
+
+
+def default_rules_dir() -> Path:
+    """``etc/udev/rules.d`` of this checkout: the rules as shipped."""
+    return Path(__file__).resolve().parents[2] / "etc" / "udev" / "rules.d"
+
+
+def udev_rule(trigger: str, rules_dir=None) -> str:
+    """The shipped rule with its ``systemctl start`` of the heal service replaced by creating
+    ``trigger`` (which a runner with that ``trigger`` takes as the start): the same matches,
+    so the lab proves the rule's own conditions.  Refuses a rule of another shape."""
+    path = Path(rules_dir or default_rules_dir()) / UDEV_RULE
+    rules = [line for line in path.read_text().splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    if len(rules) != 1 or rules[0].count(SYSTEMCTL_START) != 1 or rules[0].count("RUN") != 1:
+        raise UnitError(f"{path}: expected one rule whose one action is {SYSTEMCTL_START}")
+    return rules[0].replace(SYSTEMCTL_START, f'RUN+="/bin/touch {trigger}"') + "\n"
+
+
+@contextlib.contextmanager
+def udev_rule_installed(trigger: str, dest: str = "/etc/udev/rules.d"):
+    """:func:`udev_rule` in ``dest`` (the lab VM's own /etc) while the block runs."""
+    path = Path(dest) / UDEV_RULE
+    path.write_text(udev_rule(trigger))
+    subprocess.run(["udevadm", "control", "--reload"], capture_output=True, timeout=30)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+        subprocess.run(["udevadm", "control", "--reload"], capture_output=True, timeout=30)
+
+
 def _seconds(value, default):
     if value is None:
         return default
@@ -284,7 +320,8 @@ class TimerRunner:
     """Runs ``job.argv`` on the timer's schedule in a background thread; see the module doc."""
 
     def __init__(self, job: Job, log, period_override: float | None = None,
-                 env: dict | None = None, first_delay: float | None = None):
+                 env: dict | None = None, first_delay: float | None = None,
+                 trigger: str | None = None):
         if period_override is not None and period_override <= 0:
             raise ValueError("period_override must be positive")
         self.job = job
@@ -296,7 +333,9 @@ class TimerRunner:
         self._runs: list = []
         self._cond = threading.Condition()
         self._stop = threading.Event()
+        self._wake = threading.Event()      # stop, or a start request
         self._kill = threading.Event()
+        self.trigger = trigger
         self._proc = None
         self._thread = None
         self._key = os.path.realpath(job.service_path)
@@ -336,6 +375,25 @@ class TimerRunner:
         with self._cond:
             return self._cond.wait_for(lambda: self._proc is not None, timeout)
 
+    def start_now(self, why: str = "start requested") -> None:
+        """``systemctl --no-block start`` of the service: a heal now, unless one is running
+        (a oneshot being started joins that run: nothing more starts)."""
+        with self._cond:
+            if self._proc is not None:
+                self._log(f"{why}: joins the running heal")
+                return
+        self._log(f"{why}: heal now")
+        self._wake.set()
+
+    def _watch_trigger(self) -> None:
+        """The lab's stand-in for systemctl in udev rules: the file appearing is a start."""
+        while not self._stop.wait(0.1):
+            try:
+                os.unlink(self.trigger)
+            except FileNotFoundError:
+                continue
+            self.start_now(f"{os.path.basename(self.trigger)} (udev)")
+
     def start(self) -> "TimerRunner":
         self._spawn_args()  # refuse an impossible User= before anything runs
         with _ACTIVE_LOCK:
@@ -359,12 +417,16 @@ class TimerRunner:
         self._thread = threading.Thread(target=self._loop, args=(first,),
                                         name="lab-heal-timer", daemon=True)
         self._thread.start()
+        if self.trigger:
+            threading.Thread(target=self._watch_trigger, name="lab-heal-trigger",
+                             daemon=True).start()
         return self
 
     def stop(self, kill: bool = False) -> None:
         """No more runs; a heal still running finishes (bounded by TimeoutStartSec), or with
         ``kill`` is terminated at once.  Returns when the runner's thread has ended."""
         self._stop.set()
+        self._wake.set()
         if kill:
             self._kill.set()
         try:
@@ -384,7 +446,11 @@ class TimerRunner:
 
     def _loop(self, first: float) -> None:
         next_at = time.monotonic() + first
-        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
+        while True:
+            self._wake.wait(max(0.0, next_at - time.monotonic()))
+            if self._stop.is_set():
+                break
+            self._wake.clear()
             started = time.monotonic()
             self._run_once(started)
             next_at = started + self.period
@@ -494,7 +560,7 @@ def _default_log() -> str:
 @contextlib.contextmanager
 def running(unit_dir=None, *, period_override: float | None = None, log=None,
             timer: str = TIMER, env: dict | None = None, first_delay: float | None = None,
-            kill_on_exit: bool = False):
+            kill_on_exit: bool = False, trigger: str | None = None):
     """The timer running in the background for the ``with`` block; stopped on exit (a heal
     still running finishes first unless ``kill_on_exit``).  Yields the :class:`TimerRunner`.
 
@@ -502,10 +568,13 @@ def running(unit_dir=None, *, period_override: float | None = None, log=None,
     seconds between runs instead of ``OnUnitActiveSec`` (also caps the first delay);
     ``log``: the log file (default ``$NVMEOF_MP_LAB_OUT/nvmeof-mp-heal-timer.log``);
     ``env``: added to the service's environment (e.g. ``NVMEOF_MP_LOCK_PATH``);
-    ``first_delay``: seconds before the first run instead of what ``OnBootSec`` leaves.
+    ``first_delay``: seconds before the first run instead of what ``OnBootSec`` leaves;
+    ``trigger``: a file whose appearance starts a heal now (``start_now``), what the lab's
+    copy of the udev rule creates instead of calling systemctl (:func:`udev_rule`).
     """
     runner = TimerRunner(load(unit_dir, timer), log or _default_log(),
-                         period_override=period_override, env=env, first_delay=first_delay)
+                         period_override=period_override, env=env, first_delay=first_delay,
+                         trigger=trigger)
     runner.start()
     try:
         yield runner

@@ -10,14 +10,15 @@ import re
 import threading
 import uuid as uuidlib
 
-from nvmeof_mp import privileged, threads
+from nvmeof_mp import names, privileged, threads
+from nvmeof_mp.names import SYSTEM_UUID_CACHE
 from nvmeof_mp.exception import PrivilegedArgumentError
 
 NVME_ETC = "/etc/nvme"
 _BLKFLSBUF = 0x1261
 # Only our own kinds of block devices may be flushed.
-_DEVICE_RE = re.compile(r"^/dev/(nvme\d+n\d+|md\d+|md/[A-Za-z0-9][A-Za-z0-9_.-]{0,31}|dm-\d+|"
-                        r"mapper/[A-Za-z0-9][A-Za-z0-9_.:-]{0,127})$")
+_DEVICE_RE = re.compile(r"^/dev/(%s|%s|md/%s|dm-\d+|mapper/%s)$" % (
+    names.NAMESPACE, names.MD_DEVICE, names.MD_NAME, names.DM_NAME))
 
 
 def system_uuid_sources(root="/"):
@@ -78,7 +79,6 @@ def ensure_host_identity():
     return ensure_identity_files("/")
 
 
-SYSTEM_UUID_CACHE = "/run/nvmeof_mp/system-uuid"
 
 
 @privileged.default.entrypoint
@@ -183,7 +183,7 @@ def _flush(path):
 
 SYS = "/sys"                       # the sysfs root (tests point it at a fake tree)
 FABRICS_TRANSPORTS = ("tcp", "rdma")     # what this library connects
-_NAMESPACE_RE = re.compile(r"^nvme\d{1,5}n\d{1,5}$")
+_NAMESPACE_RE = re.compile("^%s$" % names.NAMESPACE)
 
 
 def controller_transport(ctrl_dir):
@@ -210,8 +210,8 @@ def namespace_controllers(name):
         except OSError:
             return {}
         return {c: controller_transport(os.path.join(sdir, c)) for c in sorted(entries)
-                if re.fullmatch(r"nvme\d+", c)}
-    return {pname: controller_transport(parent)} if re.fullmatch(r"nvme\d+", pname) else {}
+                if re.fullmatch(names.CONTROLLER, c)}
+    return {pname: controller_transport(parent)} if re.fullmatch(names.CONTROLLER, pname) else {}
 
 
 def fabrics_namespace(device):

@@ -14,20 +14,22 @@ import json
 import os
 import re
 import struct
-import subprocess
 
 from nvmeof_mp import connection
 from nvmeof_mp import privileged
 from nvmeof_mp.privileged import host
-from nvmeof_mp import threads
+from nvmeof_mp.privileged import tools
+from nvmeof_mp import names, threads
+from nvmeof_mp.names import TUNABLE_ATTRS
 from nvmeof_mp.exception import InvalidConnectionInfo, PrivilegedArgumentError
 
 FABRICS_DEV = "/dev/nvme-fabrics"
 SYS_CLASS_NVME = "/sys/class/nvme"
 SYS_CLASS_NET = "/sys/class/net"
-_CTRL_RE = re.compile(r"^nvme\d{1,5}$")
+_CTRL_RE = re.compile("^%s$" % names.CONTROLLER)
 _HOSTID_RE = re.compile(r"^[0-9a-fA-F-]{32,36}$")
-TUNABLE_ATTRS = ("ctrl_loss_tmo", "reconnect_delay", "fast_io_fail_tmo")
+#: seconds an ``nvme connect`` may take (connect_method = nvme-cli)
+CLI_TIMEOUT = 120
 # nvme-cli spells "already connected" in several ways across versions (1.x: exit 114 or 70,
 # 2.x: exit 1 and a message, sometimes with a typo).
 _ALREADY_EXITS = (114, 70)
@@ -218,13 +220,13 @@ def nvme_cli_argv(opts):
 
 
 def _connect_cli(opts):
-    try:
-        proc = subprocess.run(nvme_cli_argv(opts), capture_output=True, text=True, timeout=120)
-    except FileNotFoundError:
+    argv = nvme_cli_argv(opts)
+    proc = tools.run(argv, timeout=CLI_TIMEOUT)
+    if proc.missing:
         return {"error": "nvme-cli is not installed", "errno": errnolib.ENOENT, "already": False}
-    except subprocess.TimeoutExpired:
-        return {"error": "nvme connect timed out", "errno": errnolib.ETIMEDOUT,
-                "already": False}
+    if proc.timed_out:
+        return {"error": tools.describe_timeout(argv, proc, CLI_TIMEOUT),
+                "errno": errnolib.ETIMEDOUT, "already": False}
     text = (proc.stdout + proc.stderr).strip()
     if proc.returncode != 0:
         already = proc.returncode in _ALREADY_EXITS or any(t in text.lower()
@@ -235,7 +237,7 @@ def _connect_cli(opts):
     try:
         ctrl = json.loads(proc.stdout).get("device")
     except ValueError:
-        m = re.search(r"\b(nvme\d+)\b", text)
+        m = re.search(r"\b(%s)\b" % names.CONTROLLER, text)
         ctrl = m.group(1) if m else None
     if ctrl and opts.get("fast_io_fail_tmo") is not None:
         # nvme-cli 2.3 has no option for it; the kernel takes it through sysfs
@@ -308,7 +310,7 @@ def _write_sysfs(name, attr, value):
 
 # -- Identify Namespace: the size the target reports now (extend_volume) ----------------------
 
-_NS_DEVICE_RE = re.compile(r"^/dev/nvme\d{1,5}n\d{1,5}$")
+_NS_DEVICE_RE = re.compile("^/dev/%s$" % names.NAMESPACE)
 NVME_IOCTL_ID = 0x4E40                 # _IO('N', 0x40): the namespace ID of a block device
 NVME_IOCTL_ADMIN_CMD = 0xC0484E41      # _IOWR('N', 0x41, struct nvme_passthru_cmd), 72 bytes
 _PASSTHRU = struct.Struct("<BBHIIIQQII6III")

@@ -33,8 +33,8 @@ import threading
 from nvmeof_mp import connection
 from nvmeof_mp import privileged
 from nvmeof_mp.exception import InvalidConnectionInfo, PrivilegedArgumentError
+from nvmeof_mp.names import STATE_DIR
 
-STATE_DIR = "var/lib/nvmeof_mp"
 STATES = ("attaching", "attached", "detaching")
 RECORD_MAX = 256 * 1024          # bytes of JSON: a record is a few KiB even with 16 replicas
 KEY_MAX = 1024

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 
 from nvmeof_mp import privileged
 from nvmeof_mp.exception import PrivilegedArgumentError
 from nvmeof_mp.privileged import host
+from nvmeof_mp.privileged import tools
 
 _ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 
@@ -110,14 +110,13 @@ def _refused(error):
 
 
 def _run(argv, timeout=120):
-    try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    except FileNotFoundError:
+    ran = tools.run(argv, timeout=timeout)
+    if ran.missing:
         return {"ok": False, "out": "", "error": "%s is not installed" % argv[0]}
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "out": "", "error": "%s timed out" % " ".join(argv[:2])}
-    return {"ok": p.returncode == 0, "out": p.stdout,
-            "error": "" if p.returncode == 0 else (p.stderr or p.stdout).strip()}
+    if ran.timed_out:
+        return {"ok": False, "out": "", "error": tools.describe_timeout(argv, ran, timeout)}
+    return {"ok": ran.ok, "out": ran.stdout,
+            "error": "" if ran.ok else (ran.stderr or ran.stdout).strip()}
 
 
 def mdadm_create_argv(name, devices, uuid):

@@ -35,8 +35,13 @@ SMOKE_TESTS = frozenset({
     "test_nvme_detach_with_every_path_dead_fails_fast_or_forces",
 })
 #: Whole modules in the smoke selection: DH-HMAC-CHAP is proven on every kernel CI boots
-#: (a kernel without host authentication shows why it skips; 7.2 is the newest target).
+#: (a kernel without host authentication shows why it skips; 7.2 is the newest target),
+#: through the library's own fabrics writes; the nvme-cli variants (``connect_method``) run
+#: in the full passes only (6.1 and 6.12): a rejected key can cost the kernel's 60 s admin
+#: timeout under TCG, three of them were half of a smoke VM's time.
 SMOKE_MODULES = frozenset({"test_gate_auth.py"})
+#: Parameter ids a test of SMOKE_MODULES must not carry to be in the smoke selection.
+SMOKE_MODULE_SKIP_IDS = ("nvme-cli",)
 #: Modules that test the library's own bookkeeping - the registry, locks, the privsep
 #: daemon's start and death, the privilege boundary, in-use detection - through the same
 #: kernel calls every other test makes: marked ``bookkeeping``, run in full on 6.1 (the CI
@@ -48,6 +53,9 @@ BOOKKEEPING_MODULES = frozenset({"test_gate_registry.py", "test_gate_safety.py",
 #: modes per VM (single + RAID1 with multipath N, native + DM with Y), so CI runs it on one VM
 #: per setting (6.1 N and 6.12 Y) and every mode meets every fault once.
 FAULT_MODULES = frozenset({"test_gate_faults.py"})
+#: RDMA (soft-RoCE) modules, marked ``rdma``: the CI matrix runs them with native multipath
+#: on (6.1 and 6.12; their dm and RAID legs do not depend on the setting)
+RDMA_MODULES = frozenset({"test_gate_rdma.py"})
 #: Known failures on a kernel: (tests, first kernel (major, minor) without it, reason).
 #: strict xfail, so the day the cause is fixed the XPASS fails and the entry goes.
 KERNEL_XFAILS = ()
@@ -102,6 +110,14 @@ def pytest_runtest_call(item):
         signal.signal(signal.SIGALRM, old)
 
 
+def in_smoke(item, module) -> bool:
+    if item.originalname in SMOKE_TESTS:
+        return True
+    callspec = getattr(item, "callspec", None)
+    params = {str(v) for v in callspec.params.values()} if callspec else set()
+    return module in SMOKE_MODULES and not params & set(SMOKE_MODULE_SKIP_IDS)
+
+
 def pytest_collection_modifyitems(config, items):
     here = os.path.dirname(__file__)
     for item in items:
@@ -109,12 +125,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.gate)
             item.user_properties.append(("cover", cover_cells(item)))
             module = os.path.basename(str(item.fspath))
-            if item.originalname in SMOKE_TESTS or module in SMOKE_MODULES:
+            if in_smoke(item, module):
                 item.add_marker(pytest.mark.smoke)
             if module in BOOKKEEPING_MODULES:
                 item.add_marker(pytest.mark.bookkeeping)
             if module in FAULT_MODULES:
                 item.add_marker(pytest.mark.faults)
+            if module in RDMA_MODULES:
+                item.add_marker(pytest.mark.rdma)
             for names, fixed_in, reason in KERNEL_XFAILS:
                 if IN_LAB and item.originalname in names and kernel_version() < fixed_in:
                     item.add_marker(pytest.mark.xfail(reason=reason, strict=True))
@@ -144,10 +162,14 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "native: needs nvme_core multipath=Y")
     config.addinivalue_line("markers", "no_native: needs nvme_core multipath=N")
     config.addinivalue_line("markers", "root_too: also runs as root without a root helper "
-                            "(forked privsep daemon)")
+                            "(forked privsep daemon): tests whose subject depends on how the "
+                            "daemon starts and dies (start, death, the privilege boundary, "
+                            "processes, the CLI, root-only paths) and one attach per mode; a "
+                            "mode's kernel-side behaviour under a fault is the same either way "
+                            "and runs in the user pass only")
     if IN_LAB and os.environ.get("NVMEOF_MP_CINDER_PYTHON") and cinder_selected(config):
         # Cinder's imports take a minute and more under TCG: overlap them with collection
-        from nvmeof_mp.lab.target import TargetClient, TargetError
+        from nvmeof_mp.lab.agent import TargetClient, TargetError
         try:
             TargetClient().cinder("start")
         except (OSError, TargetError) as exc:     # the cinder tests fail with it, not the gate
@@ -156,6 +178,7 @@ def pytest_configure(config):
                             "and nvmet target helper; nvmeof-mp lab cinder)")
     config.addinivalue_line("markers", "smoke: the sample run on every kernel (SMOKE_TESTS)")
     config.addinivalue_line("markers", "faults: fault injection under I/O (FAULT_MODULES)")
+    config.addinivalue_line("markers", "rdma: soft-RoCE transport tests (RDMA_MODULES)")
     config.addinivalue_line("markers", "bookkeeping: the library's own bookkeeping "
                             "(BOOKKEEPING_MODULES)")
     config.addinivalue_line("markers", "cover(scenario, mode='single', transport='tcp'): the "
@@ -193,7 +216,7 @@ def pytest_runtest_logreport(report):
 
 @pytest.fixture
 def target():
-    from nvmeof_mp.lab.target import TargetClient
+    from nvmeof_mp.lab.agent import TargetClient
     client = TargetClient()
     client.teardown()
     client.clear_registry()     # records a test without ``no_leftovers`` left would hold refs
@@ -229,7 +252,7 @@ def no_leftovers():
     dms = [d for d in os.listdir("/sys/block") if d.startswith("dm-")]
     records = sorted(os.listdir(REGISTRY_VOLUMES)) if os.path.isdir(REGISTRY_VOLUMES) else []
     if left or mds or dms or records:
-        from nvmeof_mp.lab.target import TargetClient
+        from nvmeof_mp.lab.agent import TargetClient
         TargetClient().cleanup_initiator()
         TargetClient().clear_registry()
     assert (left, mds, dms, records) == ([], [], [], []), "left behind: %s %s %s %s" % (

@@ -269,7 +269,6 @@ def md_degraded(path):
 
 
 @pytest.mark.cover("path lost under I/O, then heal", mode="raid")
-@pytest.mark.root_too
 def test_raid1_with_leg_failure_during_io(connector, target):
     reps = replicas(target)
     raid = {"volume_replicas": reps, "alias": "gatevol"}
@@ -318,7 +317,6 @@ def test_dm_multipath_over_replicas(connector, target):
 
 @pytest.mark.cover("path lost under I/O, then heal", mode="dm-native")
 @pytest.mark.native
-@pytest.mark.root_too
 def test_dm_multipath_over_native_multipath_replicas(connector, target):
     dm_case(connector, target)
 

@@ -58,7 +58,7 @@ class Cinder:
     """Cinder's side through the root target agent: ``cinder.attach(volume_id=..)``."""
 
     def __init__(self):
-        from nvmeof_mp.lab.target import TargetClient
+        from nvmeof_mp.lab.agent import TargetClient
         self.client = TargetClient(timeout=280)     # the first call imports Cinder (TCG)
 
     def __getattr__(self, op):

@@ -42,7 +42,7 @@ SCENARIO = {"default": "multipathd (default config) running",
 def multipathd(request):
     """multipathd running in configuration ``request.param`` (CONFIGS), one start per
     configuration for the module (tests are grouped by it)."""
-    from nvmeof_mp.lab.target import TargetClient
+    from nvmeof_mp.lab.agent import TargetClient
     agent = TargetClient()
     t = time.monotonic()
     version = agent.start_multipathd(*CONFIGS[request.param])

@@ -198,7 +198,6 @@ def rdma_replicas(target, addr, shared_backing=False):
 
 
 @pytest.mark.cover("path lost under I/O, then heal", mode="raid", transport="rdma")
-@pytest.mark.root_too
 def test_rdma_raid1_leg_loss_during_io(connector, target, addr):
     raid = {"volume_replicas": rdma_replicas(target, addr), "alias": "gaterdma"}
     result = connector.connect_volume(raid)
@@ -215,6 +214,5 @@ def test_rdma_raid1_leg_loss_during_io(connector, target, addr):
 
 
 @pytest.mark.cover("path lost under I/O, then heal", mode="dm", transport="rdma")
-@pytest.mark.root_too
 def test_rdma_dm_multipath_leg_loss_during_io(connector, target, addr):
     dm_case(connector, target, rdma_replicas(target, addr, shared_backing=True))

@@ -138,7 +138,6 @@ def test_registry_process_killed_mid_attach_is_rolled_back_by_the_next_attach(co
 
 
 @pytest.mark.cover("process killed mid-attach / mid-detach: heal --all", mode="native")
-@pytest.mark.root_too
 @pytest.mark.parametrize("phase", ["attach", "detach"])
 def test_registry_process_killed_mid_call_heal_all_leaves_a_consistent_host(target, phase):
     shared_subsystem(target)

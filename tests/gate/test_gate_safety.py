@@ -59,7 +59,7 @@ def start_worker(scenario, args):
 def stop_worker(proc):
     """Kill a worker and its privsep daemon: a daemon forked while the worker held a lock
     holds it too, and would block every later attach of the gate."""
-    from nvmeof_mp.lab.target import TargetClient
+    from nvmeof_mp.lab.agent import TargetClient
     for pid in privsep_daemons(proc.pid, proc.daemons_before):
         TargetClient().kill_process(pid)
     proc.kill()
@@ -149,7 +149,7 @@ def bounded(func, limit, what):
     thread.start()
     thread.join(limit)
     if thread.is_alive():
-        from nvmeof_mp.lab.target import TargetClient
+        from nvmeof_mp.lab.agent import TargetClient
         TargetClient().cleanup_initiator()
         thread.join(30)
         pytest.fail("%s still running after %ss (%s)" % (what, limit, who()))

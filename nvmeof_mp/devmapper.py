@@ -40,7 +40,7 @@ def load_step(status):
 
 def connect(connector, request, pending=None):
     if not _usable(connector):
-        if request.enforce_multipath:
+        if request.enforce_multipath or connector.enforce_multipath:
             raise UnsupportedHost(reason="enforce_multipath is set but dmsetup (device-mapper) "
                                   "is not installed")
         LOG.warning("dmsetup is missing: %s attaches without a dm-multipath map",

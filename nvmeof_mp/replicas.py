@@ -7,7 +7,6 @@ I/O over in about a second.  A replica that cannot be attached is reported, not 
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 
 from oslo_log import log as logging
@@ -45,8 +44,7 @@ def attach_all(connector, request, pending=None):
             return target, None, e
     if pending is not None:
         connector.registry.put(*pending)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(request.targets)) as pool:
-        results = list(pool.map(one, request.targets))
+    results = threads.map_concurrently("replicas", one, request.targets)
     unexpected = [e for _, _, e in results if e is not None and (
         not isinstance(e, NVMeOFError) or isinstance(e, ForeignClaim))]
     if unexpected:

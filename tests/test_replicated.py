@@ -364,3 +364,13 @@ def test_a_single_path_on_a_kernel_without_fast_io_fail_tmo_keeps_reconnecting(m
     old.target()
     old.connector.connect_volume(conninfo(portals=(("127.0.0.1", 4420, "tcp"),)))
     assert old.sysfs("class/nvme/nvme0/ctrl_loss_tmo") == "off"
+
+
+def test_dm_without_dmsetup_honours_the_factorys_enforce_multipath(two, monkeypatch):
+    """Nova passes enforce_multipath to the connector factory, not in the connection info:
+    without dmsetup a dm volume must be refused then too, not attached as one replica."""
+    monkeypatch.setenv("PATH", "/nonexistent")
+    two.connector.enforce_multipath = True
+    with pytest.raises(UnsupportedHost, match="dmsetup"):
+        two.connector.connect_volume(dm_info())
+    assert sum(two.sim.calls.values()) == 0

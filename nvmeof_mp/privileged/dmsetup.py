@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import re
 
-from nvmeof_mp import privileged
+from nvmeof_mp import names, privileged
 from nvmeof_mp.exception import PrivilegedArgumentError
 from nvmeof_mp.privileged import host
 from nvmeof_mp.privileged.storage import _refused, _run
 
-_DM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_DM_NAME_RE = re.compile("^%s$" % names.DM_NAME)
 _DEVNUM_RE = re.compile(r"^\d{1,4}:\d{1,7}$")
 DM_UUID_PREFIX = "nvmeof_mp-"       # not "mpath-": multipathd leaves the map alone
 DM_MESSAGES = ("reinstate_path", "fail_path", "fail_if_no_path", "queue_if_no_path")

@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import re
 
-from nvmeof_mp import privileged
+from nvmeof_mp import names, privileged
 from nvmeof_mp.exception import PrivilegedArgumentError
 from nvmeof_mp.privileged import host
 from nvmeof_mp.privileged import tools
 
-_ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+_ALIAS_RE = re.compile("^%s$" % names.MD_NAME)
 
 
 def alias(value):
@@ -101,7 +101,7 @@ def not_ours(array, name):
 
 def _gone_namespace(device):
     name = os.path.basename(device)
-    return (re.fullmatch(r"nvme\d+n\d+", name) is not None
+    return (re.fullmatch(names.NAMESPACE, name) is not None
             and not os.path.lexists(os.path.join(host.SYS, "class/block", name)))
 
 
@@ -299,7 +299,7 @@ def md_stop(name, node=None):
     all died.  An array with no member left holds no data and is stopped whoever made it."""
     name = alias(name)
     if node is not None and not (isinstance(node, str)
-                                 and re.fullmatch(r"/dev/md\d{1,5}", node)):
+                                 and re.fullmatch("/dev/" + names.MD_DEVICE, node)):
         raise PrivilegedArgumentError("not an md device: %r" % (node,))
     array = _find_array("/dev/md/" + name, []) or node
     if array is None:
@@ -325,7 +325,7 @@ def _md_node(array):
     """``/dev/mdN`` behind an array path (the alias link resolved), or None."""
     real = os.path.realpath(os.path.join(DEV, array[len("/dev/"):]))
     node = "/dev/" + os.path.relpath(real, DEV)
-    return node if re.fullmatch(r"/dev/md\d{1,5}", node) else None
+    return node if re.fullmatch("/dev/" + names.MD_DEVICE, node) else None
 
 
 def stop_array(name, dev="/dev", device=None):
@@ -337,7 +337,7 @@ def stop_array(name, dev="/dev", device=None):
     would stay behind pointing at nothing.  Only a symlink whose target is gone is removed.
     """
     name = alias(name)
-    if device is not None and not re.fullmatch(r"/dev/md\d{1,5}", device):
+    if device is not None and not re.fullmatch("/dev/" + names.MD_DEVICE, device):
         raise PrivilegedArgumentError("not an md device: %r" % (device,))
     result = _run(["mdadm", "--stop", device or "/dev/md/" + name])
     if result["ok"]:

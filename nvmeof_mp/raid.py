@@ -16,7 +16,7 @@ import os
 
 from oslo_log import log as logging
 
-from nvmeof_mp import mdplan, replicas
+from nvmeof_mp import mdplan, replicas, threads
 from nvmeof_mp.exception import ReplicaError
 from nvmeof_mp.locks import named_lock
 from nvmeof_mp.plan import find_namespace
@@ -109,8 +109,10 @@ def assemble(connector, name, legs):
     def attempt():
         last.clear()
         last.update(kernel.md_assemble(name, legs))
-        if last.get("inactive"):
+        if last.get("inactive"):            # stopped, it is assembled again at once
             kernel.md_stop_inactive(name, legs)
+            last.clear()
+            last.update(kernel.md_assemble(name, legs))
         return last.get("ok") or not (last.get("inactive") or last.get("retry"))
     poll(attempt, ASSEMBLE_RETRY, connector.clock, first=0.1, longest=0.5)
     return dict(last)
@@ -132,7 +134,9 @@ def connect(connector, request, pending=None):
     started, left_out, readded = [], [], []
     try:
         with named_lock("md-" + name, connector.lock_path):
-            examined = {leg: kernel.md_examine(leg) for leg in legs}
+            # one mdadm pair per leg, the legs at once (the daemon runs calls in parallel)
+            examined = dict(zip(legs, threads.map_concurrently("md-examine", kernel.md_examine,
+                                                               legs), strict=True))
             decided = plan(name, request.replica_count, list(examined.items()))
             left_out += decided.left_out
             if decided.action == "refuse":
@@ -150,8 +154,11 @@ def connect(connector, request, pending=None):
                 result = replicas.require_ok(assemble(connector, name, start),
                                              "mdadm --assemble")
                 held = result.get("members") or []
-                running = {d: kernel.md_examine(d) for d in held}
-                re_add, refused = mdplan.returning_legs(held, running, legs_of)
+                re_add, refused = [], []
+                if any(d not in held for d in legs_of):     # only then the views matter
+                    running = dict(zip(held, threads.map_concurrently(
+                        "md-examine", kernel.md_examine, held), strict=True))
+                    re_add, refused = mdplan.returning_legs(held, running, legs_of)
                 left_out += refused
                 for leg in re_add:
                     done = kernel.md_re_add(name, leg)

@@ -377,12 +377,14 @@ def _degraded(array):
         return False            # no such array: mdadm says so
 
 
-def _examine(device):
+def _examine(device, roles=False):
+    """``mdadm --examine --export`` of ``device`` (None: no md superblock); with ``roles``
+    also its role and recorded array state (a second mdadm run: the export has neither)."""
     result = _run(["mdadm", "--examine", "--export", device])
     if not result["ok"]:
         return None
     info = _export(result["out"]) or None
-    if info:
+    if info and roles:
         full = _run(["mdadm", "--examine", device])
         info.update(examine_roles(full["out"]) if full["ok"] else {})
     return info
@@ -411,4 +413,4 @@ def md_examine(device):
     """``mdadm --examine --export`` plus the leg's role and recorded array state
     (``examine_roles``): does a leg carry an md superblock, of which array, and what did it
     last see of it."""
-    return _examine(nvme_devices([device])[0])
+    return _examine(nvme_devices([device])[0], roles=True)

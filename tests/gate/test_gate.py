@@ -53,6 +53,21 @@ def controllers():
     return out
 
 
+def healthy_report(connector, vol, timeout=10):
+    """The volume's path report once every portal's path is there and usable.
+
+    An attach waits for one usable path, not for the kernel's namespace scan on every
+    controller: right after it, a live controller's path may still be on its way."""
+    seen = {}
+
+    def healthy():
+        seen["report"] = connector.get_path_status(vol)[0]
+        return seen["report"]["verdict"] == "healthy"
+
+    assert wait_for(healthy, timeout), seen.get("report")
+    return seen["report"]
+
+
 def stall_under_failure(device, fail, restore, down_for=4.0):
     """Write patterns while ``fail()`` .. ``restore()`` happen; verify; return the writer."""
     w = Writer(device)

@@ -9,7 +9,7 @@
 import os
 
 import pytest
-from test_gate import NQN, U1, controllers, one_subsystem
+from test_gate import NQN, U1, controllers, healthy_report, one_subsystem
 from test_gate_registry import io_works
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
@@ -81,8 +81,8 @@ def test_cover_ipv6_portal(connector, target, mode):
     assert sorted((a["traddr"], a["trsvcid"]) for a in addresses().values()) == sorted(
         (addr, svc) for addr, svc, _ in portals)
     assert set(controllers().values()) == {"live"}
-    [report] = connector.get_path_status(vol)
-    assert report["verdict"] == "healthy" and not report["missing_portals"], report
+    report = healthy_report(connector, vol)
+    assert not report["missing_portals"], report
     assert "tcp://[::1]:4420" in [p["portal"] for p in report["paths"]]
     assert io_works(result["path"])
     connector.disconnect_volume(vol, result)

@@ -8,8 +8,8 @@ import os
 import time
 
 import pytest
-from test_gate import (NQN, STALL_LIMIT, U1, U2, controllers, dm_case, md_degraded, record,
-                       stall_under_failure)
+from test_gate import (NQN, STALL_LIMIT, U1, U2, controllers, dm_case, healthy_report,
+                       md_degraded, record, stall_under_failure)
 
 from nvmeof_mp.lab.workload import Writer, verify, wait_for
 
@@ -138,8 +138,8 @@ def test_rdma_and_tcp_portals_one_volume(connector, target, addr):
     result = connector.connect_volume(vol)
     assert not result["degraded"]
     assert sorted(t for t, _ in transports().values()) == ["rdma", "tcp"]
-    report = connector.get_path_status(vol)[0]
-    assert len(report["paths"]) == 2 and report["verdict"] == "healthy", report
+    report = healthy_report(connector, vol)
+    assert len(report["paths"]) == 2, report
     write_and_verify(result["path"])
     connector.disconnect_volume(vol, result)
     assert controllers() == {}
@@ -182,7 +182,7 @@ def test_rdma_path_loss_during_io(connector, target, addr, survivor):
                             lambda: target.link(1, NQN))
     assert w.max_stall < STALL_LIMIT
     assert wait_for(lambda: set(controllers().values()) == {"live"}, 30)
-    assert connector.get_path_status(vol)[0]["verdict"] == "healthy"
+    healthy_report(connector, vol)
     connector.disconnect_volume(vol, result)
     assert controllers() == {}
 

@@ -30,7 +30,9 @@ def _vm_kwargs(args) -> dict:
     opts = {}
     if args.nvme_multipath:
         opts["nvme_core"] = f"multipath={args.nvme_multipath}"
-    return {"timeout": args.timeout, "mem_mb": args.mem, "smp": args.smp,
+    from .gate import vm_smp
+    return {"timeout": args.timeout, "mem_mb": args.mem,
+            "smp": vm_smp(args.smp, 1),
             "kernel_args": args.kernel_args, "modprobe_options": opts,
             "echo": not args.quiet, "kernel_version": _kernels(args)[0]}
 
@@ -153,7 +155,7 @@ def cmd_gate(args) -> int:
         cmd = _guest_module_argv("_guest-gate", "--passes", ",".join(passes),
                                  *(["--only", narrow] if narrow else []), "--", *extra)
         kwargs = dict(_vm_kwargs(args), modprobe_options={"nvme_core": f"multipath={mp}"},
-                      kernel_version=version, echo=echo)
+                      kernel_version=version, echo=echo, smp=gate.vm_smp(args.smp, lanes))
         kwargs["env"] = guest_env
         result = vm.run_in_vm(cmd, **kwargs)
         rc = _report(result, t0)
@@ -281,7 +283,8 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--timeout", type=int, default=600, help="kill the VM after this (s)")
         p.add_argument("--mem", type=int, default=1536, help="guest memory (MiB)")
-        p.add_argument("--smp", type=int, default=2)
+        p.add_argument("--smp", type=int, default=0,
+                       help="vCPUs (default: 2 for a VM alone, 1 each for VMs in lanes)")
         p.add_argument("--nvme-multipath", choices=("Y", "N"),
                        help="nvme_core multipath module parameter")
         p.add_argument("--kernel-args", default="", help="extra kernel command line")

@@ -106,7 +106,9 @@ def cmd_heal(args):
         _emit(args, result)
     else:
         from nvmeof_mp import status
-        if not result["attached"]:
+        if result.get("recovered"):     # a crashed process's attach or detach, finished
+            print("left unfinished by a process that died: %s" % result["recovered"])
+        elif not result["attached"]:
             print("not attached: nothing to heal")
         print("\n".join(status.format_text(r) for r in result["after"]))
         _print_left_out(result)

@@ -408,3 +408,19 @@ def test_root_heal_never_makes_lock_files_in_a_system_directory_a_record_names(l
     assert timer.lock_path_of(record) == timer.lock_path
     timer.heal_all()
     assert os.listdir(system_dir) == []
+
+
+def test_heal_of_a_volume_whose_attach_crashed_says_what_it_did(lab, tmp_path, monkeypatch,
+                                                                  capsys):
+    """``nvmeof-mp heal CONNINFO`` rolls back the crashed attach and says so (it used to
+    print "not attached: nothing to heal" after undoing it)."""
+    from nvmeof_mp import cli
+    shared(lab)
+    crashed_attach(lab, vol(UUID))
+    path = tmp_path / "conn.json"
+    path.write_text(json.dumps(vol(UUID)))
+    monkeypatch.setattr(cli, "_connector", lambda args: lab.connector)
+    assert cli.main(["heal", str(path)]) == 1          # rolled back: not attached now
+    out = capsys.readouterr().out
+    assert "attach rolled back" in out and "nothing to heal" not in out, out
+    assert lab.sim.controllers(NQN) == [] and files(lab, "volumes") == []

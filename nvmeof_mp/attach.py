@@ -184,7 +184,10 @@ class Attacher:
     def _refuse_claimed(self, attachment):
         """A namespace a foreign dm map (multipathd's) holds is not ours to hand out or join:
         ``ForeignClaim`` (the attach is then undone)."""
-        why = claims.check(self.root, attachment.namespace.name, self.clock)
+        ns = attachment.namespace
+        # a per-controller namespace (native multipath off) is what multipathd may take
+        why = claims.check(self.root, ns.name, self.clock,
+                           self.policy.device_timeout if ns.controller else 0.0)
         if why:
             LOG.error("%s: %s is not used: %s", attachment.target.describe(),
                       attachment.device, why)

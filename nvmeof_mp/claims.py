@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import os
 
-from nvmeof_mp.topology import listdir, read_attr
+from oslo_log import log as logging
+
+from nvmeof_mp.topology import listdir, read_attr, udev_done
 from nvmeof_mp.waiting import poll
+
+LOG = logging.getLogger(__name__)
 
 #: the dm uuid prefix of this library's maps (as nvmeof_mp.privileged.dmsetup.DM_UUID_PREFIX)
 OUR_DM_UUID_PREFIX = "nvmeof_mp-"
@@ -53,9 +57,19 @@ def multipath_marked(root: str, name: str) -> bool:
     return MPATH_MARK in data.splitlines()
 
 
-def check(root: str, name: str, clock) -> str | None:
+def check(root: str, name: str, clock, udev_wait: float = 0.0) -> str | None:
     """Why namespace ``name`` must not be used (a foreign map holds it, or udev marked it for
-    multipathd, whose map is then awaited up to MAP_WAIT to be named), or None."""
+    multipathd, whose map is then awaited up to MAP_WAIT to be named), or None.
+
+    With ``udev_wait`` and udev running, udev's verdict is awaited that long first: its
+    multipath rule's mark is in its database, which udev writes after it gave the node its
+    group and mode (a service user can open the node before the mark is readable, root at
+    once).  Native multipath heads need no wait: multipath-tools leaves them alone.
+    """
+    if udev_wait and not udev_done(root, name) and not poll(
+            lambda: udev_done(root, name), udev_wait, clock):
+        LOG.warning("udev has not processed %s after %ss: whether multipathd takes it is "
+                    "unknown", name, udev_wait)
     maps = foreign_maps(root, name)
     if not maps and multipath_marked(root, name):
         maps = poll(lambda: foreign_maps(root, name), MAP_WAIT, clock) or []

@@ -12,6 +12,7 @@ import os
 
 from nvmeof_mp.exception import PrivilegedArgumentError
 from nvmeof_mp.sim.files import unlink as _unlink, write as _write
+from nvmeof_mp.sim.sysfs import UDEV_DB_LAG
 
 # as the daemon's (nvmeof_mp.privileged.host; the tests check they agree)
 BUSY = "open exclusively or held by another user"
@@ -148,15 +149,19 @@ class SimMultipathd:
     def multipathd_greedy(self, delay=0.5):
         self.__dict__["_mpathd_delay"] = delay
 
+    def _claims(self):
+        return self.__dict__.get("_mpathd_delay") is not None and not self.native
+
+    def _udev_rules_say(self, name):
+        """What udev's rules add to a new block device's database entry: multipath-tools'
+        mark when this multipathd takes it."""
+        return MPATH_MARK if self._claims() else ""
+
     def _new_block_device(self, name, devnum):
-        delay = self.__dict__.get("_mpathd_delay")
-        if delay is None or self.native:
-            return
-        data = os.path.join(self.root, "run/udev/data", "b" + devnum)
-        after = self.udev_delay or 0.0
-        if self.udev_delay is not None:
-            self.clock.at(after, lambda: _write(data, _read(data) + MPATH_MARK))
-        self.clock.at(after + delay, lambda: self._mpath_map(name))
+        if self._claims():
+            self.clock.at(self.__dict__["_mpathd_delay"] + (
+                self.udev_delay + UDEV_DB_LAG if self.udev_delay is not None else 0.0),
+                lambda: self._mpath_map(name))
 
     def _mpath_map(self, name):
         try:
@@ -172,11 +177,3 @@ class SimMultipathd:
         _write(os.path.join(d, "dm/uuid"), "mpath-" + wwid)
         os.symlink(d, os.path.join(self.sys, "class/block", dm))
         self.add_holder(name, dm)
-
-
-def _read(path):
-    try:
-        with open(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""

@@ -11,6 +11,11 @@ import shutil
 from nvmeof_mp.sim.files import unlink as _unlink, write as _write
 from nvmeof_mp.sim.model import HOST_ID, SimController
 
+#: udev gives a new node its group and mode, then records the device in its database (with
+#: what its rules found, such as multipath-tools' mark): a window in which the node opens but
+#: udev's verdict is not readable yet (systemd-udevd: node update, then database update)
+UDEV_DB_LAG = 0.05
+
 
 class SimSysfs:
     """Controllers, subsystems and namespaces in the simulated sysfs tree."""
@@ -157,13 +162,10 @@ class SimSysfs:
             else:                       # devtmpfs makes it root-only; udev sets group disk
                 os.chmod(node, 0o600)
                 data = os.path.join(self.root, "run/udev/data", "b" + attrs["dev"])
-                self.clock.at(self.udev_delay, lambda: self._udev_processed(node, data))
+                self.clock.at(self.udev_delay, lambda: os.chmod(node, 0o660))
+                self.clock.at(self.udev_delay + UDEV_DB_LAG, lambda: _write(
+                    data, "E:ID_NSID=1\n" + self._udev_rules_say(name)))
             self._new_block_device(name, attrs["dev"])      # a multipathd may claim it
-
-    @staticmethod
-    def _udev_processed(node, data):
-        _write(data, "E:ID_NSID=1")
-        os.chmod(node, 0o660)
 
     def can_open(self, path):
         """The caller's permission check: root, or group disk once udev set mode 0660."""

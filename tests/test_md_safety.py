@@ -498,3 +498,24 @@ def test_daemon_grow_refuses_a_degraded_array(daemon):
         f.write("0\n")
     assert storage.md_grow("vol1")["ok"]
     assert [a[1] for a in daemon.acted()] == ["--grow"]
+
+
+def test_daemon_assemble_removes_failed_members_only_when_md_lists_one(daemon):
+    """``--remove failed`` after an assemble or adoption runs only when a member's state
+    says faulty (an mdadm run less on every RAID attach otherwise)."""
+    daemon.examine["/dev/nvme0n1"] = _sb_of("vol1")
+    daemon.examine["/dev/nvme1n1"] = _sb_of("vol1")
+    _running(daemon, "vol1")
+    md = os.path.join(host.SYS, "block/md127/md")
+    for member, state in (("dev-nvme0n1", "in_sync"), ("dev-nvme1n1", "in_sync")):
+        os.makedirs(os.path.join(md, member))
+        with open(os.path.join(md, member, "state"), "w") as f:
+            f.write(state + "\n")
+    with open(os.path.join(md, "array_state"), "w") as f:
+        f.write("clean\n")
+    assert storage.md_assemble("vol1", ["/dev/nvme0n1", "/dev/nvme1n1"])["ok"]
+    assert daemon.acted() == []
+    with open(os.path.join(md, "dev-nvme1n1", "state"), "w") as f:
+        f.write("faulty,write_error\n")
+    storage.md_assemble("vol1", ["/dev/nvme0n1", "/dev/nvme1n1"])
+    assert daemon.acted() == [["mdadm", "--manage", "/dev/md/vol1", "--remove", "failed"]]

@@ -20,7 +20,9 @@ import dataclasses
 # When is a new block device handed out?  "always": once udev processed it (mode, group,
 # /dev/disk links); "never": as soon as the kernel shows it; "auto": once udev processed it,
 # or earlier when the calling process can already open it (root, typically) - except replica
-# legs, which always wait so udev's own md assembly cannot race with ours.
+# legs, which always wait so udev's own md assembly cannot race with ours.  In every mode a
+# namespace that is not a native multipath head waits for udev's database while udev runs
+# (multipathd's claim, ``claims.check``).
 UDEV_MODES = ("auto", "always", "never")
 
 

@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from conftest import root_helper
 from nvmeof_mp.lab.workload import Writer, verify, wait_for
 from test_gate import NQN, controllers, info, one_subsystem, portal, record
 
@@ -184,17 +185,19 @@ def test_single_raid_dm_left_alone(connector, target, multipathd):
 
 
 @pytest.mark.no_native
+@pytest.mark.root_too
 @configs(("greedy",), ("single", "raid", "dm"), SCENARIO["refused"])
 def test_greedy_without_the_drop_in_is_refused_cleanly(connector, target, multipathd):
     """Native multipath off, greedy multipathd, no drop-in: multipathd takes every new
     namespace, so each attach fails with ForeignClaim naming multipathd's map and the
     drop-in; nothing of the attach is left (multipathd drops its map with the device), and
-    nothing was written (no md superblock, no dm map of ours)."""
+    nothing was written (no md superblock, no dm map of ours).  Also as root, who can open a
+    new node before udev has run multipath-tools' rule on it: the single-path attach must
+    wait for udev's verdict all the same."""
     from nvmeof_mp.claims import DROPIN
     from nvmeof_mp.connector import NVMeOFConnector
     from nvmeof_mp.exception import ForeignClaim
-    single = NVMeOFConnector(root_helper=os.environ["NVMEOF_MP_ROOT_HELPER"],
-                             use_multipath=False)
+    single = NVMeOFConnector(root_helper=root_helper(), use_multipath=False)
     one_subsystem(target)
     attempts = (("single", single, info()), ("raid", connector, raid_volume(target)),
                 ("dm", connector, dm_volume(target)))

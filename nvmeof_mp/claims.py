@@ -66,8 +66,7 @@ def check(root: str, name: str, clock, udev_wait: float = 0.0) -> str | None:
     group and mode (a service user can open the node before the mark is readable, root at
     once).  Native multipath heads need no wait: multipath-tools leaves them alone.
     """
-    if udev_wait and not udev_done(root, name) and not poll(
-            lambda: udev_done(root, name), udev_wait, clock):
+    if udev_wait and not poll(lambda: udev_done(root, name), udev_wait, clock):
         LOG.warning("udev has not processed %s after %ss: whether multipathd takes it is "
                     "unknown", name, udev_wait)
     maps = foreign_maps(root, name)

@@ -185,9 +185,8 @@ def _array_state(array):
 def _has_faulty_member(array):
     """Does the array list a member md marked faulty (``md/dev-*/state``)?  Then
     ``--remove failed`` has something to do; an mdadm run less in the common case."""
+    md = os.path.join(host.SYS, "block", os.path.basename(_md_node(array) or ""), "md")
     try:
-        md = os.path.join(host.SYS, "block", os.path.basename(
-            os.path.realpath(os.path.join(DEV, array[len("/dev/"):]))), "md")
         members = [d for d in os.listdir(md) if d.startswith("dev-")]
     except OSError:
         return True         # cannot tell: let mdadm look
